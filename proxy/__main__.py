@@ -1,0 +1,64 @@
+"""`python -m proxy --config PATH`: load config, set up logging, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import create_app
+from proxy.config import load_config
+from proxy.errors import BufferError_, ConfigError
+from proxy.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="proxy", description=__doc__)
+    parser.add_argument(
+        "--config", default=os.environ.get("PROXY_CONFIG"), help="path to config.yaml"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        configure_logging()
+        structlog.get_logger("proxy").error("config_invalid", error=str(exc))
+        return 1
+    configure_logging(config.log.level, config.log.format)
+    log = structlog.get_logger("proxy")
+    upstream = urlsplit(config.upstream.url)
+    log.info(
+        "proxy_starting",
+        version=__version__,
+        host=config.server.host,
+        port=config.server.port,
+        upstream=f"{upstream.scheme}://{upstream.hostname}:{upstream.port or ''}".rstrip(":"),
+        buffer=config.buffer.path,
+    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.server.host,
+            port=config.server.port,
+            shutdown_timeout=config.server.shutdown_timeout_s,
+            access_log=None,
+            print=None,
+            auto_decompress=False,
+        )
+    except BufferError_ as exc:
+        log.error("buffer_unusable", error=str(exc))
+        return 1
+    except OSError as exc:
+        log.error("listen_failed", error=str(exc))
+        return 1
+    log.info("proxy_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

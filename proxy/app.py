@@ -1,0 +1,170 @@
+"""The app factory: the one place that knows every part and wires them in a safe order.
+
+Lifetimes (cleanup_ctx): the buffer opens first and closes last; the upstream client session
+sits between; the forwarder starts last and stops first.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import hdrs, web
+
+from proxy import routes
+from proxy.buffer import Buffer
+from proxy.clientip import parse_networks
+from proxy.config import Config
+from proxy.errors import BufferClosedError, BufferError_, BufferFullError, IngestError
+from proxy.forwarder import Forwarder
+from proxy.metrics import Metrics
+from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
+
+log = structlog.get_logger("proxy.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+INGEST_ROUTES = frozenset(routes.BATCH_PATHS + routes.SINGLE_PATHS)
+
+
+def _route_of(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def error_response(request: web.Request, exc: Exception) -> web.Response:
+    """The only place exceptions become HTTP answers, always with a JSON body."""
+    if isinstance(exc, IngestError):
+        status = exc.status
+        if request.get(BROWSER_ROUTE, False) and exc.browser_ok:
+            status = 200  # Jitsu's browser routes answer 200 with the error (research §2.4)
+        return routes.json_response({"error": exc.message}, status=status)
+    if isinstance(exc, BufferFullError):
+        return routes.json_response(
+            {"error": str(exc)}, status=503, headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
+        )
+    if isinstance(exc, BufferClosedError):
+        return routes.json_response(
+            {"error": "proxy is shutting down"}, status=503, headers={hdrs.RETRY_AFTER: "5"}
+        )
+    if isinstance(exc, BufferError_):
+        log.error("buffer_unavailable", error=str(exc))
+        return routes.json_response(
+            {"error": "cannot store events right now"},
+            status=503,
+            headers={hdrs.RETRY_AFTER: "5"},
+        )
+    if isinstance(exc, web.HTTPException):
+        headers = {k: v for k, v in exc.headers.items() if k == hdrs.ALLOW}
+        return routes.json_response(
+            {"error": (exc.reason or "error").lower()}, status=exc.status, headers=headers
+        )
+    log.exception("unhandled_error")
+    return routes.json_response({"error": "internal error"}, status=500)
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, JSON errors, CORS on ingest routes, and one canonical log line per request."""
+    started = time.perf_counter()
+    structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+    route = _route_of(request)
+    response: web.StreamResponse
+    try:
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = error_response(request, exc)
+        origin = request.headers.get(hdrs.ORIGIN)
+        if route in INGEST_ROUTES and origin and request.method != hdrs.METH_OPTIONS:
+            response.headers.update(routes.cors_headers(origin))
+        return response
+    finally:
+        status = response.status if "response" in locals() else 500
+        state = request.app[APP_STATE]
+        if route in INGEST_ROUTES and request.method == hdrs.METH_POST:
+            state.metrics.requests.labels(route, str(status)).inc()
+        log.info(
+            "request",
+            method=request.method,
+            route=route,
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            events=request.get(EVENT_COUNT, 0),
+            key_id=request.get(KEY_ID, ""),
+        )
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def create_app(config: Config) -> web.Application:
+    # Bodies are read and capped by the handlers themselves; aiohttp's own cap must not be lower.
+    client_max = max(config.limits.max_request_bytes, config.limits.max_decompressed_bytes) + 1
+    app = web.Application(middlewares=[edge_middleware], client_max_size=client_max)
+    metrics = Metrics()
+    buffer = Buffer(
+        config.buffer.path,
+        config.buffer.max_bytes,
+        fsync=config.buffer.fsync,
+        min_free_bytes=config.buffer.min_free_bytes,
+    )
+    state = AppState(
+        config=config,
+        metrics=metrics,
+        trusted_proxies=parse_networks(config.server.trusted_proxies),
+        buffer=buffer,
+    )
+    app[APP_STATE] = state
+    metrics.gauges(
+        {
+            "proxy_buffer_rows": ("Upstream requests waiting in the buffer", lambda: buffer.rows),
+            "proxy_buffer_events": ("Events waiting in the buffer", lambda: buffer.events),
+            "proxy_buffer_bytes": ("Bytes waiting in the buffer", lambda: buffer.bytes),
+            "proxy_buffer_max_bytes": ("Configured buffer bound", lambda: buffer.max_bytes),
+            "proxy_buffer_writable": (
+                "1 while the buffer accepts writes",
+                lambda: float(buffer.writable),
+            ),
+            "proxy_dead_letter_rows": ("Rows in the dead-letter store", lambda: buffer.dead_rows),
+            "proxy_upstream_up": (
+                "0 while upstream is failing",
+                lambda: 0.0 if state.forwarder is not None and state.forwarder.failing else 1.0,
+            ),
+        }
+    )
+    routes.add_routes(app)
+    app.cleanup_ctx.append(_buffer_ctx)
+    app.cleanup_ctx.append(_forwarder_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def _buffer_ctx(app: web.Application) -> AsyncIterator[None]:
+    buffer = app[APP_STATE].buffer
+    await buffer.open()
+    yield
+    await buffer.close()
+
+
+async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[APP_STATE]
+    config = state.config
+    holder: dict[str, Forwarder] = {}
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=config.upstream.concurrency * 2, keepalive_timeout=30),
+        trace_configs=[Forwarder.trace_config(holder)],
+        auto_decompress=True,
+    )
+    forwarder = Forwarder(state.buffer, session, config.upstream, state.metrics)
+    holder["forwarder"] = forwarder
+    state.forwarder = forwarder
+    forwarder.start()
+    yield
+    await forwarder.stop(grace_s=config.server.shutdown_timeout_s)
+    await session.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[APP_STATE].draining = True

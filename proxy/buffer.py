@@ -1,0 +1,466 @@
+"""The durable on-disk buffer: SQLite in WAL mode, one row per upstream request, group commit.
+
+A row is written (and fsynced, by default) before the client gets its 2xx, and leaves only when
+upstream accepted it or it moved to the dead-letter table, in one transaction. Anything still in
+the table after a crash is, by definition, undelivered and is sent again (at least once).
+Design: ../shared/docs/research/reliability.md §4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from proxy.envelope import Envelope
+from proxy.errors import BufferClosedError, BufferError_, BufferFullError, BufferLockedError
+
+log = structlog.get_logger("proxy.buffer")
+
+T = TypeVar("T")
+
+DB_NAME = "buffer.db"
+LOCK_NAME = "proxy.lock"
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4A545355  # "JTSU"
+# Most operations one transaction may carry; bounds commit latency under a burst.
+MAX_GROUP = 1024
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL    NOT NULL,
+    key_id      TEXT    NOT NULL,
+    path        TEXT    NOT NULL,
+    headers     TEXT    NOT NULL,
+    body        BLOB    NOT NULL,
+    size        INTEGER NOT NULL,
+    events      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    seq         INTEGER PRIMARY KEY,
+    received_at REAL    NOT NULL,
+    key_id      TEXT    NOT NULL,
+    path        TEXT    NOT NULL,
+    headers     TEXT    NOT NULL,
+    body        BLOB    NOT NULL,
+    size        INTEGER NOT NULL,
+    events      INTEGER NOT NULL,
+    failed_at   REAL    NOT NULL,
+    status      INTEGER,
+    reason      TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    seq: int
+    received_at: float
+    key_id: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    size: int
+    events: int
+
+
+@dataclasses.dataclass
+class _Op:
+    kind: str  # insert | delete | dead_letter
+    args: Any
+    future: asyncio.Future[Any]
+
+
+class Buffer:
+    """Owns the buffer directory: its lock, its database, and the single writer."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        fsync: bool = True,
+        min_free_bytes: int = 0,
+    ) -> None:
+        self.dir = Path(path)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self.rows = 0
+        self.bytes = 0
+        self.events = 0
+        self.dead_rows = 0
+        self.last_error: str | None = None
+        self.new_data = asyncio.Event()
+        self._reserved = 0
+        self._lock_fd: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._free_checked_at = 0.0
+        self._free_bytes = 1 << 62
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._take_lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="buffer")
+        try:
+            await self._run(self._open_db)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._release_lock()
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="buffer-writer")
+        if self.rows:
+            self.new_data.set()
+        log.info(
+            "buffer_opened",
+            path=str(self.dir),
+            rows=self.rows,
+            bytes=self.bytes,
+            dead_letter_rows=self.dead_rows,
+            fsync=self.fsync,
+        )
+
+    async def close(self) -> None:
+        """Stop taking writes, commit what is queued, checkpoint, close, release the lock."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._writer is not None:
+            await self._queue.put(None)
+            await self._writer
+        if self._executor is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._run(self._close_db)
+            self._executor.shutdown(wait=True)
+        self._release_lock()
+        log.info("buffer_closed", rows=self.rows, bytes=self.bytes)
+
+    def _take_lock(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BufferError_(f"cannot use buffer directory {self.dir}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BufferLockedError(
+                f"buffer directory {self.dir} is in use by another process"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- runs on the buffer thread ---------------------------------------------------------
+
+    def _open_db(self) -> None:
+        try:
+            conn = sqlite3.connect(
+                self.dir / DB_NAME, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.executescript(SCHEMA)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise BufferError_(
+                    f"buffer {self.dir / DB_NAME} has schema version {version}, "
+                    f"this proxy reads {SCHEMA_VERSION}"
+                )
+            # Occupancy comes from the table itself, never from a separately kept counter.
+            rows, size, events = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0) FROM events"
+            ).fetchone()
+            (dead,) = conn.execute("SELECT count(*) FROM dead_letter").fetchone()
+        except sqlite3.Error as exc:
+            raise BufferError_(f"cannot open buffer {self.dir / DB_NAME}: {exc}") from exc
+        self._conn = conn
+        self.rows, self.bytes, self.events, self.dead_rows = rows, size, events, dead
+
+    def _close_db(self) -> None:
+        if self._conn is not None:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+
+    def _apply(self, conn: sqlite3.Connection, op: _Op) -> Any:
+        if op.kind == "insert":
+            envelopes: Sequence[Envelope] = op.args
+            now = time.time()
+            seqs = []
+            for env in envelopes:
+                cur = conn.execute(
+                    "INSERT INTO events (received_at, key_id, path, headers, body, size, events)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        now,
+                        env.key_id,
+                        env.path,
+                        json.dumps(env.headers),
+                        env.body,
+                        len(env.body),
+                        env.events,
+                    ),
+                )
+                seqs.append(cur.lastrowid)
+            return seqs
+        if op.kind == "delete":
+            seq = op.args
+            row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
+            conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+            return row
+        if op.kind == "dead_letter":
+            seq, status, reason, attempts = op.args
+            row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
+            conn.execute(
+                "INSERT OR REPLACE INTO dead_letter (seq, received_at, key_id, path, headers, body,"
+                " size, events, failed_at, status, reason, attempts)"
+                " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?"
+                " FROM events WHERE seq = ?",
+                (time.time(), status, reason, attempts, seq),
+            )
+            conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+            return row
+        raise AssertionError(op.kind)
+
+    def _commit_group(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        """One transaction for the whole group; if it fails, each op alone, so that one failing
+        write (say, an insert on a full disk) never takes a delete that frees space with it."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [self._apply(conn, op) for op in ops]
+            conn.execute("COMMIT")
+            return [(True, r) for r in results]
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if len(ops) == 1:
+            return [self._commit_one(conn, ops[0])]
+        return [self._commit_one(conn, op) for op in ops]
+
+    def _commit_one(self, conn: sqlite3.Connection, op: _Op) -> tuple[bool, Any]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = self._apply(conn, op)
+            conn.execute("COMMIT")
+            return True, result
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return False, exc
+
+    def _fetch(self, after: int, limit: int) -> list[Row]:
+        conn = self._conn
+        assert conn is not None
+        cur = conn.execute(
+            "SELECT seq, received_at, key_id, path, headers, body, size, events FROM events"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        return [
+            Row(seq, received_at, key_id, path, json.loads(headers), bytes(body), size, events)
+            for seq, received_at, key_id, path, headers, body, size, events in cur
+        ]
+
+    def _dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        conn = self._conn
+        assert conn is not None
+        cur = conn.execute(
+            "SELECT seq, key_id, path, body, status, reason, attempts FROM dead_letter"
+            " ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [
+            {
+                "seq": s,
+                "key_id": k,
+                "path": p,
+                "body": bytes(b),
+                "status": st,
+                "reason": r,
+                "attempts": a,
+            }
+            for s, k, p, b, st, r, a in cur
+        ]
+
+    # ---- the writer task -------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            ops: list[_Op] = []
+            if first is None:
+                stop = True
+            else:
+                ops.append(first)
+            # Group commit: everything that queued up while the last commit ran goes together.
+            while len(ops) < MAX_GROUP and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    stop = True
+                    continue
+                ops.append(op)
+            if not ops:
+                continue
+            try:
+                results = await self._run(self._commit_group, ops)
+            except BaseException as exc:  # the executor itself failed
+                for op in ops:
+                    if not op.future.done():
+                        op.future.set_exception(BufferError_(f"buffer write failed: {exc}"))
+                raise
+            self._settle(ops, results)
+
+    def _settle(self, ops: list[_Op], results: list[tuple[bool, Any]]) -> None:
+        inserted = False
+        if any(ok for ok, _ in results):
+            self.last_error = None
+        for op, (ok, result) in zip(ops, results, strict=True):
+            if op.kind == "insert":
+                size = sum(len(e.body) for e in op.args)
+                self._reserved -= size
+                if ok:
+                    self.rows += len(op.args)
+                    self.bytes += size
+                    self.events += sum(e.events for e in op.args)
+                    inserted = True
+            elif ok and result is not None:
+                self.rows -= 1
+                self.bytes -= result[0]
+                self.events -= result[1]
+                if op.kind == "dead_letter":
+                    self.dead_rows += 1
+            if op.future.done():
+                continue
+            if ok:
+                op.future.set_result(result)
+                continue
+            self.last_error = str(result)
+            if _is_disk_full(result):
+                log.error("buffer_disk_full", error=str(result))
+                op.future.set_exception(BufferFullError("disk full: cannot store events"))
+            else:
+                log.error("buffer_write_failed", error=str(result), op=op.kind)
+                op.future.set_exception(BufferError_(f"buffer write failed: {result}"))
+        if inserted:
+            self.new_data.set()
+
+    async def _submit(self, kind: str, args: Any) -> Any:
+        if self._closing or self._writer is None:
+            raise BufferClosedError("buffer is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Op(kind, args, future))
+        # shield: a client that hangs up must not cancel the commit's bookkeeping.
+        return await asyncio.shield(future)
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def check_admission(self, size: int) -> None:
+        """Refuse before reading work we could not keep: 503 + Retry-After, never a 2xx."""
+        if self._closing or self._writer is None:
+            raise BufferClosedError("proxy is shutting down")
+        if self.bytes + self._reserved + size > self.max_bytes:
+            raise BufferFullError(
+                f"buffer full: {self.bytes} of {self.max_bytes} bytes used", retry_after_s=5
+            )
+        if self._disk_free() < self.min_free_bytes:
+            raise BufferFullError("disk almost full: refusing to store more events", 30)
+
+    def _disk_free(self) -> int:
+        now = time.monotonic()
+        if now - self._free_checked_at > 1.0:
+            try:
+                st = os.statvfs(self.dir)
+                self._free_bytes = st.f_bavail * st.f_frsize
+            except OSError:
+                self._free_bytes = 0
+            self._free_checked_at = now
+        return self._free_bytes
+
+    async def append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        """Commit envelopes durably; returns their sequence numbers once they are on disk."""
+        size = sum(len(e.body) for e in envelopes)
+        self.check_admission(size)
+        self._reserved += size
+        try:
+            result: list[int] = await self._submit("insert", list(envelopes))
+        except BufferClosedError:
+            self._reserved -= size
+            raise
+        return result
+
+    async def fetch(self, after: int, limit: int) -> list[Row]:
+        if self._conn is None or self._executor is None:
+            raise BufferClosedError("buffer is closed")
+        try:
+            return await self._run(self._fetch, after, limit)
+        except sqlite3.Error as exc:
+            raise BufferError_(f"buffer read failed: {exc}") from exc
+
+    async def delete(self, seq: int) -> None:
+        """Upstream accepted the row."""
+        await self._submit("delete", seq)
+
+    async def dead_letter(self, seq: int, status: int | None, reason: str, attempts: int) -> None:
+        """Upstream refused the row for good: keep it, with why, out of the send queue."""
+        await self._submit("dead_letter", (seq, status, reason, attempts))
+
+    async def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return await self._run(self._dead_letters, limit)
+
+    @property
+    def writable(self) -> bool:
+        return (
+            not self._closing
+            and self._writer is not None
+            and self.last_error is None
+            and self.bytes < self.max_bytes
+            and self._disk_free() >= self.min_free_bytes
+        )
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "full" in str(exc).lower()

@@ -1,0 +1,247 @@
+"""Loads and validates `config.yaml`, then applies `PROXY_<SECTION>_<KEY>` environment overrides.
+
+Every key is declared once, in the dataclasses below; their field types drive validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.errors import ConfigError
+
+ENV_PREFIX = "PROXY"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Peers whose X-Forwarded-For / X-Real-IP are believed (CIDRs). Everyone else is the client.
+    trusted_proxies: list[str] = dataclasses.field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    multiplier: float = 2.0
+    # Attempts made inside one forwarding request (aiohttp-retry) before the event goes back to
+    # waiting in the buffer, where it is retried for as long as it takes.
+    request_attempts: int = 3
+    # Upper bound on a Retry-After we obey, so a broken upstream cannot pin us for days.
+    max_retry_after_s: float = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:3049"
+    timeout_s: float = 30.0
+    concurrency: int = 8
+    retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferConfig:
+    path: str = "./data"
+    max_bytes: int = 1024 * 1024 * 1024
+    # true: every 2xx survives power loss (SQLite synchronous=FULL); false: survives kill -9 only.
+    fsync: bool = True
+    # Answer 503 while the filesystem has less free space than this.
+    min_free_bytes: int = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig:
+    # Bytes of a request body as it arrives (compressed, if gzip).
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Bytes of a batch body after gzip decompression (bomb guard).
+    max_decompressed_bytes: int = 16 * 1024 * 1024
+    # One event, serialised. Jitsu's MAX_INGEST_PAYLOAD_SIZE default is 1 000 000.
+    max_event_bytes: int = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    # json | console | auto (console on a TTY, JSON otherwise)
+    format: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
+    buffer: BufferConfig = dataclasses.field(default_factory=BufferConfig)
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the YAML file (if any), apply environment overrides, validate, return a Config."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if raw is None:
+            raw = {}
+    return build_config(raw, os.environ if environ is None else environ)
+
+
+def build_config(raw: Any, environ: Mapping[str, str]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    config: Config = _build(Config, raw, prefix="")
+    config = _apply_env(config, environ, (ENV_PREFIX,), "")
+    _check(config)
+    return config
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = _field_types(cls)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key: {name}")
+        values[key] = _convert(hints[key], value, name)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name}: expected a mapping, got {_kind(value)}")
+        return _build(typing.cast(type, tp), value, prefix=f"{name}.")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {name}: expected a list, got {_kind(value)}")
+        return [_convert(item_tp, item, f"{name}[{i}]") for i, item in enumerate(value)]
+    if isinstance(origin, type) and issubclass(origin, types.UnionType):  # pragma: no cover
+        raise ConfigError(f"config key {name}: unsupported type")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {name}: expected {tp.__name__}, got {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+def _apply_env(
+    obj: Any, environ: Mapping[str, str], env_parts: tuple[str, ...], prefix: str
+) -> Any:
+    hints = _field_types(type(obj))
+    changes: dict[str, Any] = {}
+    for field in dataclasses.fields(obj):
+        tp = hints[field.name]
+        parts = (*env_parts, field.name.upper())
+        name = f"{prefix}{field.name}"
+        current = getattr(obj, field.name)
+        if dataclasses.is_dataclass(tp):
+            changes[field.name] = _apply_env(current, environ, parts, f"{name}.")
+            continue
+        env_name = "_".join(parts)
+        if env_name in environ:
+            changes[field.name] = _from_env(tp, environ[env_name], env_name, name)
+    return dataclasses.replace(obj, **changes)
+
+
+def _from_env(tp: Any, text: str, env_name: str, name: str) -> Any:
+    where = f"environment variable {env_name} (config key {name})"
+    if typing.get_origin(tp) is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{where}: expected a boolean, got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected int, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {text!r}") from None
+    return text
+
+
+def _check(config: Config) -> None:
+    """Value checks that types alone cannot express."""
+    problems: list[tuple[str, bool]] = [
+        ("server.port", not 0 <= config.server.port <= 65535),
+        ("server.shutdown_timeout_s", config.server.shutdown_timeout_s < 0),
+        ("upstream.url", not config.upstream.url.startswith(("http://", "https://"))),
+        ("upstream.timeout_s", config.upstream.timeout_s <= 0),
+        ("upstream.concurrency", config.upstream.concurrency < 1),
+        ("upstream.retry.initial_backoff_s", config.upstream.retry.initial_backoff_s <= 0),
+        (
+            "upstream.retry.max_backoff_s",
+            config.upstream.retry.max_backoff_s < config.upstream.retry.initial_backoff_s,
+        ),
+        ("upstream.retry.multiplier", config.upstream.retry.multiplier < 1),
+        ("upstream.retry.request_attempts", config.upstream.retry.request_attempts < 1),
+        ("upstream.retry.max_retry_after_s", config.upstream.retry.max_retry_after_s < 0),
+        ("buffer.path", not config.buffer.path),
+        ("buffer.max_bytes", config.buffer.max_bytes <= 0),
+        ("buffer.min_free_bytes", config.buffer.min_free_bytes < 0),
+        ("limits.max_request_bytes", config.limits.max_request_bytes <= 0),
+        ("limits.max_decompressed_bytes", config.limits.max_decompressed_bytes <= 0),
+        ("limits.max_event_bytes", config.limits.max_event_bytes <= 0),
+        ("log.level", config.log.level.lower() not in {"debug", "info", "warning", "error"}),
+        ("log.format", config.log.format not in {"json", "console", "auto"}),
+    ]
+    for key, bad in problems:
+        if bad:
+            raise ConfigError(f"config key {key}: invalid value")
+    for i, cidr in enumerate(config.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"config key server.trusted_proxies[{i}]: {cidr!r} is not an IP network"
+            ) from None

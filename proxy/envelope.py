@@ -1,0 +1,233 @@
+"""Turns an accepted ingest request into an Envelope: the exact upstream request we will replay.
+
+One envelope is one upstream request with Jitsu's per-request meaning kept: a single event goes
+to the same `/api/s/...` path, a batch goes as a batch. Validation mirrors Jitsu's patchEvent, so
+callers get the error here instead of a silent rejection later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+import zlib
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+from proxy.auth import WriteKey, mask_key
+from proxy.errors import IngestError
+
+EVENT_TYPES = frozenset({"page", "identify", "track", "group", "alias", "screen"})
+TYPE_ALIASES = {
+    "p": "page",
+    "i": "identify",
+    "t": "track",
+    "g": "group",
+    "a": "alias",
+    "s": "screen",
+    "e": "event",
+}
+MAX_EVENT_NAME = 128
+
+# Request headers Jitsu reads (research notes §3.4) that we pass through unchanged.
+PASSTHROUGH_HEADERS = ("User-Agent", "Accept-Language", "X-IP-Policy", "Origin", "Referer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """What goes into the buffer: path (with query), headers and body of the upstream request."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    events: int
+    key_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    payload: dict[str, Any]
+    received: int
+    errors: list[str]
+
+    @property
+    def ok_events(self) -> int:
+        return len(self.payload["batch"])
+
+
+def check_content_type(content_type: str) -> None:
+    """Jitsu accepts a media type ending in application/json or text/plain (beacons)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if not media.endswith(("application/json", "text/plain")):
+        raise IngestError(
+            f"invalid content type: {media or '(none)'}. Expected: application/json",
+            status=400,
+            browser_ok=False,
+        )
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Inflate a gzip request body, refusing to produce more than `limit` bytes."""
+    if "gzip" not in encoding.lower():
+        return body
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise IngestError(f"error parsing message: invalid gzip body: {exc}", status=400) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise IngestError(
+            f"request body too large: more than {limit} bytes after decompression", status=413
+        )
+    if not inflater.eof:
+        raise IngestError("error parsing message: truncated gzip body", status=400)
+    return out
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IngestError(f"error parsing message: {exc}", status=400) from None
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def resolve_type(path_type: str) -> str:
+    return TYPE_ALIASES.get(path_type, path_type)
+
+
+def _validate_event(
+    event: dict[str, Any], fixed_type: str, default_name: str | None = None
+) -> None:
+    """Jitsu's patchEvent checks: the path type wins unless it is `event`."""
+    if fixed_type == "event":
+        body_type = event.get("type")
+        if not body_type:
+            raise IngestError("event error: type property of event is required")
+        fixed_type = str(body_type)
+    if fixed_type not in EVENT_TYPES:
+        raise IngestError(f"event error: Unknown event type: {fixed_type}")
+    if fixed_type == "track":
+        name = event.get("event") or default_name
+        if not name:
+            raise IngestError("event error: 'event' property is required for 'track' event")
+        if not isinstance(name, str):
+            raise IngestError("event error: 'event' property must be a string")
+        if len(name) > MAX_EVENT_NAME:
+            raise IngestError(
+                f"event error: 'event' property is too long: {len(name)} > {MAX_EVENT_NAME}"
+            )
+
+
+def ensure_message_id(event: dict[str, Any]) -> str:
+    """Give the event a stable messageId before its first attempt, so retries dedupe upstream."""
+    message_id = event.get("messageId")
+    if message_id is None or message_id == "":
+        message_id = str(uuid.uuid4())
+        event["messageId"] = message_id
+    return str(message_id)
+
+
+def _event_size_check(raw: bytes, max_event_bytes: int) -> None:
+    if len(raw) > max_event_bytes:
+        raise IngestError(
+            f"event error: message size {len(raw)} is too big. max allowed: {max_event_bytes}"
+        )
+
+
+def parse_single(body: bytes, path_type: str, max_event_bytes: int) -> tuple[bytes, str]:
+    """Validate one event and return its bytes to forward, plus its messageId."""
+    event = _parse_json(body)
+    if not isinstance(event, dict):
+        raise IngestError("error parsing message: event must be a JSON object")
+    _validate_event(event, resolve_type(path_type))
+    message_id = ensure_message_id(event)
+    # jitsu-js puts a masked key in the body; anything else there would carry the secret.
+    body_key = event.get("writeKey")
+    if isinstance(body_key, str) and body_key and not body_key.endswith(":***"):
+        event["writeKey"] = mask_key(body_key)
+    raw = _dump(event)
+    _event_size_check(raw, max_event_bytes)
+    return raw, message_id
+
+
+def parse_batch_payload(body: bytes) -> dict[str, Any]:
+    payload = _parse_json(body)
+    if not isinstance(payload, dict):
+        raise IngestError("error parsing message: batch payload must be a JSON object")
+    batch = payload.get("batch")
+    if not isinstance(batch, list):
+        raise IngestError("error parsing message: 'batch' must be a JSON array")
+    context = payload.get("context")
+    if context is not None and not isinstance(context, dict):
+        raise IngestError("error parsing message: 'context' must be a JSON object")
+    return payload
+
+
+def filter_batch(payload: dict[str, Any], max_event_bytes: int) -> BatchResult:
+    """Keep the valid events of a batch; report the others the way Jitsu's batch answer does.
+    One bad event never blocks the rest."""
+    events_name = payload.get("eventsName")
+    default_name = events_name if isinstance(events_name, str) and events_name else None
+    kept: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for index, event in enumerate(payload["batch"]):
+        if not isinstance(event, dict):
+            errors.append(f"Event #{index}: error parsing message: event must be a JSON object")
+            continue
+        message_id = ensure_message_id(event)
+        try:
+            _validate_event(event, "track" if default_name else "event", default_name)
+            _event_size_check(_dump(event), max_event_bytes)
+        except IngestError as exc:
+            errors.append(f"Message ID: {message_id}: {exc.message}")
+            continue
+        kept.append(event)
+    out = {k: v for k, v in payload.items() if k != "writeKey"}
+    out["batch"] = kept
+    return BatchResult(payload=out, received=len(payload["batch"]), errors=errors)
+
+
+def forward_headers(
+    request_headers: Mapping[str, str], key: WriteKey | None, client_ip: str
+) -> dict[str, str]:
+    """Headers of the upstream request: the key in X-Write-Key only, one clean client IP."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["X-Write-Key"] = key.value
+    if client_ip:
+        headers["X-Real-IP"] = client_ip
+        headers["X-Forwarded-For"] = client_ip
+    for name in PASSTHROUGH_HEADERS:
+        value = request_headers.get(name)
+        if value:
+            headers[name] = value
+    return headers
+
+
+def forward_path(path: str, query: Mapping[str, str]) -> str:
+    """The request path with `writekey` removed from the query string."""
+    rest = [(k, v) for k, v in query.items() if k.lower() != "writekey"]
+    return f"{path}?{urlencode(rest)}" if rest else path
+
+
+def build_envelope(
+    path: str, headers: dict[str, str], body: bytes, events: int, key: WriteKey | None
+) -> Envelope:
+    return Envelope(
+        path=path,
+        headers=headers,
+        body=body,
+        events=events,
+        key_id=key.key_id if key else "",
+    )
+
+
+def encode_batch(payload: dict[str, Any]) -> bytes:
+    return _dump(payload)

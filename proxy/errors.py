@@ -1,0 +1,54 @@
+"""The proxy's one exception hierarchy; foreign errors are translated into it at their boundary.
+
+ProxyError
+├── ConfigError             bad config file or environment override (exit 1)
+├── BufferError_            durable buffer problems
+│   ├── BufferLockedError   another process holds the buffer directory
+│   ├── BufferFullError     configured bound or the disk is full (503 + Retry-After)
+│   └── BufferClosedError   the buffer is closing or closed (503)
+└── IngestError             a client request Jitsu would refuse (status + public message)
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy raises on purpose."""
+
+
+class ConfigError(ProxyError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class BufferError_(ProxyError):
+    """The durable buffer cannot do what was asked."""
+
+
+class BufferLockedError(BufferError_):
+    """Another process holds the lock on the buffer directory."""
+
+
+class BufferFullError(BufferError_):
+    """The buffer reached `buffer.max_bytes` or the disk is full."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BufferClosedError(BufferError_):
+    """The buffer is shutting down or closed."""
+
+
+class IngestError(ProxyError):
+    """A request the proxy refuses, answered the way Jitsu's ingest would.
+
+    `status` is the HTTP status for server-to-server and batch routes; browser routes answer 200
+    with the same body when `browser_ok` is true, as Jitsu does.
+    """
+
+    def __init__(self, message: str, status: int = 400, *, browser_ok: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.browser_ok = browser_ok

@@ -1,0 +1,320 @@
+"""Sends buffered envelopes upstream, in order, with bounded concurrency, for as long as it takes.
+
+Short blips are retried inside one request (aiohttp-retry). Past that the row simply stays in
+the buffer: the forwarder backs off and sends one probe at a time until upstream answers again,
+then drains the backlog. Nothing waits in memory but the rows in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp_retry import ExponentialRetry, RetryClient
+
+from proxy.auth import redact
+from proxy.buffer import Buffer, Row
+from proxy.config import UpstreamConfig
+from proxy.errors import BufferError_
+from proxy.metrics import Metrics
+from proxy.retry import Backoff, Outcome, classify_status, parse_retry_after, rejection_in_body
+
+log = structlog.get_logger("proxy.forwarder")
+
+RETRY_STATUSES = frozenset({408, 425, 429} | set(range(500, 600)) - {501})
+MAX_RESPONSE_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    outcome: Outcome
+    status: int | None
+    reason: str
+    retry_after_s: float | None = None
+    partial: str | None = None  # a batch upstream took only in part
+
+
+class _HandBack(Exception):
+    """Stop retrying inside the request; the buffer takes over the wait."""
+
+    def __init__(self, status: int | None, retry_after_s: float | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class _InRequestRetry(ExponentialRetry):
+    """aiohttp-retry options: our status list, jittered backoff, Retry-After as a floor, and a
+    hand-back to the buffer when the wait would be long or upstream is known to be failing."""
+
+    def __init__(self, forwarder: Forwarder, attempts: int) -> None:
+        super().__init__(
+            attempts=attempts,
+            statuses=set(RETRY_STATUSES),
+            exceptions={aiohttp.ClientError, asyncio.TimeoutError},
+            retry_all_server_errors=False,
+        )
+        self._forwarder = forwarder
+
+    def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
+        status = None
+        retry_after = None
+        if response is not None:
+            status = response.status
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            response.close()  # aiohttp-retry does not release a response it retries
+        fwd = self._forwarder
+        delay = fwd.backoff.delay(attempt, retry_after)
+        if fwd.failing or fwd.stopping or delay > fwd.backoff.max_s:
+            raise _HandBack(status, retry_after)
+        return delay
+
+
+class Forwarder:
+    def __init__(
+        self,
+        buffer: Buffer,
+        session: aiohttp.ClientSession,
+        config: UpstreamConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.buffer = buffer
+        self.config = config
+        self.metrics = metrics
+        self.base_url = config.url.rstrip("/")
+        self.backoff = Backoff(
+            initial_s=config.retry.initial_backoff_s,
+            max_s=config.retry.max_backoff_s,
+            multiplier=config.retry.multiplier,
+            max_retry_after_s=config.retry.max_retry_after_s,
+        )
+        self.client = RetryClient(
+            client_session=session,
+            retry_options=_InRequestRetry(self, config.retry.request_attempts),
+        )
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.failing = False
+        self.failures = 0
+        self.stopping = False
+        self.retry_after_s: float | None = None
+        self.next_probe_at = 0.0
+        self.cursor = 0
+        self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self._slot_freed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def trace_config(forwarder_ref: dict[str, Forwarder]) -> aiohttp.TraceConfig:
+        """Counts every attempt (retries inside aiohttp-retry included) per buffered row."""
+        trace = aiohttp.TraceConfig()
+
+        async def on_start(
+            _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceRequestStartParams
+        ) -> None:
+            seq = (ctx.trace_request_ctx or {}).get("seq")
+            fwd = forwarder_ref.get("forwarder")
+            if seq is not None and fwd is not None:
+                fwd.attempts[seq] += 1
+
+        trace.on_request_start.append(on_start)
+        return trace
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="forwarder")
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop pulling rows; give requests in flight `grace_s` to finish, then abandon them.
+        An abandoned row was not deleted, so it is sent again after restart."""
+        self.stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        pending = list(self.inflight.values())
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            for task in still:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            log.info("forwarder_stopped", finished=len(_done), abandoned=len(still))
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self.failing:
+                    await self._probe()
+                else:
+                    await self._dispatch()
+            except asyncio.CancelledError:
+                raise
+            except BufferError_ as exc:
+                log.error("forwarder_buffer_error", error=str(exc))
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("forwarder_error")
+                await asyncio.sleep(1.0)
+
+    async def _dispatch(self) -> None:
+        free = self.config.concurrency - len(self.inflight)
+        if free <= 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+            return
+        self.buffer.new_data.clear()
+        rows = await self.buffer.fetch(self.cursor, free + len(self.inflight))
+        rows = [r for r in rows if r.seq not in self.inflight][:free]
+        if not rows:
+            self._slot_freed.clear()
+            await _first(self.buffer.new_data.wait(), self._slot_freed.wait())
+            return
+        for row in rows:
+            self.cursor = max(self.cursor, row.seq)
+            self.inflight[row.seq] = asyncio.create_task(self._deliver(row), name=f"send-{row.seq}")
+
+    async def _probe(self) -> None:
+        """While upstream fails: wait out the backoff, then send the oldest row alone."""
+        while self.inflight:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        delay = self.backoff.delay(self.failures, self.retry_after_s)
+        self.next_probe_at = time.time() + delay
+        await asyncio.sleep(delay)
+        rows = await self.buffer.fetch(0, 1)
+        if not rows:
+            self.failing = False
+            return
+        task = asyncio.create_task(self._deliver(rows[0]), name=f"probe-{rows[0].seq}")
+        self.inflight[rows[0].seq] = task
+        await asyncio.shield(task)
+
+    async def _deliver(self, row: Row) -> None:
+        try:
+            attempt = await self._send(row)
+            self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
+            if attempt.outcome is Outcome.RETRY:
+                self._failed(row, attempt)
+                return
+            self.failing = False
+            self.failures = 0
+            self.retry_after_s = None
+            tries = self.attempts.pop(row.seq, 1)
+            if attempt.outcome is Outcome.DELIVERED and attempt.partial is None:
+                await self.buffer.delete(row.seq)
+                self.metrics.events_delivered.inc(row.events)
+                log.debug("envelope_forwarded", seq=row.seq, events=row.events, attempts=tries)
+                return
+            reason = attempt.partial or attempt.reason
+            await self.buffer.dead_letter(row.seq, attempt.status, reason, tries)
+            self.metrics.events_dead_lettered.inc(row.events)
+            log.warning(
+                "event_dead_lettered",
+                seq=row.seq,
+                path=row.path.split("?", 1)[0],
+                key_id=row.key_id,
+                status=attempt.status,
+                reason=reason,
+                attempts=tries,
+            )
+        except BufferError_ as exc:
+            # Upstream may have it, our bookkeeping failed: it will be sent again (at least once).
+            log.error("forwarder_bookkeeping_failed", seq=row.seq, error=str(exc))
+            self.cursor = 0
+        finally:
+            self.inflight.pop(row.seq, None)
+            self._slot_freed.set()
+
+    def _failed(self, row: Row, attempt: Attempt) -> None:
+        self.failing = True
+        self.failures += 1
+        self.retry_after_s = attempt.retry_after_s
+        self.cursor = 0  # resend from the oldest row once upstream is back
+        log.warning(
+            "upstream_retry",
+            seq=row.seq,
+            status=attempt.status,
+            reason=attempt.reason,
+            failures=self.failures,
+            retry_after_s=attempt.retry_after_s,
+        )
+
+    async def _send(self, row: Row) -> Attempt:
+        key = row.headers.get("X-Write-Key")
+        try:
+            async with self.client.post(
+                self.base_url + row.path,
+                data=row.body,
+                headers=row.headers,
+                timeout=self.timeout,
+                trace_request_ctx={"seq": row.seq},
+            ) as resp:
+                body = await resp.content.read(MAX_RESPONSE_BYTES)
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except _HandBack as hb:
+            return Attempt(
+                Outcome.RETRY, hb.status, f"upstream answered {hb.status}", hb.retry_after_s
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            reason = redact(f"transport error: {type(exc).__name__}: {exc}", key)
+            return Attempt(Outcome.RETRY, None, reason)
+        outcome = classify_status(status)
+        excerpt = redact(body[:512].decode("utf-8", "replace"), key)
+        if outcome is Outcome.RETRY:
+            return Attempt(outcome, status, f"upstream answered {status}", retry_after)
+        if outcome is Outcome.REJECTED:
+            return Attempt(outcome, status, f"upstream answered {status}: {excerpt}")
+        refused = rejection_in_body(status, body)
+        if refused is not None:
+            return Attempt(Outcome.REJECTED, status, f"upstream refused: {redact(refused, key)}")
+        return Attempt(outcome, status, "ok", partial=_partial_batch(body, key))
+
+    # ---- state for health and metrics ------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "failing": self.failing,
+            "consecutive_failures": self.failures,
+            "in_flight": len(self.inflight),
+            "next_probe_in_s": round(max(0.0, self.next_probe_at - time.time()), 3)
+            if self.failing
+            else 0.0,
+        }
+
+
+def _partial_batch(body: bytes, key: str | None) -> str | None:
+    """Jitsu's batch answers 200 with per-event `errors`; those events were not taken."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    errors = payload.get("errors")
+    if not errors or not isinstance(errors, list):
+        return None
+    joined = "; ".join(str(e) for e in errors[:20])
+    return redact(f"upstream rejected {len(errors)} event(s) of the batch: {joined}", key)
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,34 @@
+"""Typed keys for what the application and each request carry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from proxy.clientip import Network
+from proxy.config import Config
+from proxy.metrics import Metrics
+
+if TYPE_CHECKING:
+    from proxy.buffer import Buffer
+    from proxy.forwarder import Forwarder
+
+
+@dataclasses.dataclass
+class AppState:
+    config: Config
+    metrics: Metrics
+    trusted_proxies: tuple[Network, ...]
+    buffer: Buffer
+    forwarder: Forwarder | None = None
+    draining: bool = False
+
+
+APP_STATE = web.AppKey("state", AppState)
+
+# Per-request facts the access-log line reports.
+BROWSER_ROUTE = "proxy.browser_route"
+KEY_ID = "proxy.key_id"
+EVENT_COUNT = "proxy.events"
