@@ -81,8 +81,8 @@ def find_write_key(
     authorization = headers.get("Authorization", "")
     if authorization.strip():
         value = decode_basic(authorization)
-        if value:
-            return WriteKey(value, KeySource.AUTHORIZATION)
+        # Present means it wins, even when it holds an empty key (Jitsu then finds no stream).
+        return WriteKey(value, KeySource.AUTHORIZATION) if value else None
     header_key = headers.get("X-Write-Key", "").strip()
     if header_key:
         return WriteKey(header_key, KeySource.HEADER)

@@ -20,15 +20,27 @@ def _parse(value: str) -> Address | None:
     elif text.count(":") == 1:  # v4:port
         text = text.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(text)
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; Jitsu's stripLastOctet
+    # only understands the IPv4 form.
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def _trusted(addr: Address, networks: tuple[Network, ...]) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
     return any(addr.version == net.version and addr in net for net in networks)
+
+
+def _all_values(headers: Mapping[str, str], name: str) -> str:
+    """Every line of a header joined, so a forged first line cannot hide the ones our own
+    proxies appended on lines of their own."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return ",".join(getall(name, []))
+    return headers.get(name, "")
 
 
 def resolve_client_ip(
@@ -46,7 +58,7 @@ def resolve_client_ip(
         return peer or ""
     if not _trusted(peer_addr, trusted):
         return str(peer_addr)
-    forwarded = headers.get("X-Forwarded-For", "")
+    forwarded = _all_values(headers, "X-Forwarded-For")
     if forwarded.strip():
         hops = [_parse(part) for part in forwarded.split(",")]
         candidate: Address | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import types
 import typing
@@ -111,9 +112,30 @@ def build_config(raw: Any, environ: Mapping[str, str]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
     config: Config = _build(Config, raw, prefix="")
+    _reject_unknown_env(environ)
     config = _apply_env(config, environ, (ENV_PREFIX,), "")
     _check(config)
     return config
+
+
+def _env_names(cls: type, parts: tuple[str, ...]) -> set[str]:
+    names: set[str] = set()
+    for name, tp in _field_types(cls).items():
+        here = (*parts, name.upper())
+        if dataclasses.is_dataclass(tp):
+            names |= _env_names(typing.cast(type, tp), here)
+        else:
+            names.add("_".join(here))
+    return names
+
+
+def _reject_unknown_env(environ: Mapping[str, str]) -> None:
+    """A misspelt override (PROXY_SERVER_PROT) must not be silently ignored."""
+    known = _env_names(Config, (ENV_PREFIX,))
+    sections = tuple(f"{ENV_PREFIX}_{f.name.upper()}_" for f in dataclasses.fields(Config))
+    for name in sorted(environ):
+        if name.startswith(sections) and name not in known:
+            raise ConfigError(f"unknown environment override {name}: no such config key")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -152,6 +174,8 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {name}: expected a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -204,9 +228,12 @@ def _from_env(tp: Any, text: str, env_name: str, name: str) -> Any:
             raise ConfigError(f"{where}: expected int, got {text!r}") from None
     if tp is float:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             raise ConfigError(f"{where}: expected float, got {text!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {text!r}")
+        return number
     return text
 
 

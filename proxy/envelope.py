@@ -71,18 +71,30 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Inflate a gzip request body, refusing to produce more than `limit` bytes."""
     if "gzip" not in encoding.lower():
         return body
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise IngestError(f"error parsing message: invalid gzip body: {exc}", status=400) from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise IngestError(
-            f"request body too large: more than {limit} bytes after decompression", status=413
-        )
-    if not inflater.eof:
-        raise IngestError("error parsing message: truncated gzip body", status=400)
-    return out
+    parts: list[bytes] = []
+    produced = 0
+    data = body
+    # A gzip stream may be several members back to back; Go's reader reads them all.
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(data, limit - produced + 1)
+        except zlib.error as exc:
+            raise IngestError(
+                f"error parsing message: invalid gzip body: {exc}", status=400
+            ) from None
+        produced += len(out)
+        if produced > limit or inflater.unconsumed_tail:
+            raise IngestError(
+                f"request body too large: more than {limit} bytes after decompression",
+                status=413,
+            )
+        if not inflater.eof:
+            raise IngestError("error parsing message: truncated gzip body", status=400)
+        parts.append(out)
+        data = inflater.unused_data
+        if not data:
+            return b"".join(parts)
 
 
 def _parse_json(body: bytes) -> Any:
@@ -119,9 +131,11 @@ def _validate_event(
             raise IngestError("event error: 'event' property is required for 'track' event")
         if not isinstance(name, str):
             raise IngestError("event error: 'event' property must be a string")
-        if len(name) > MAX_EVENT_NAME:
+        # Go's len() counts bytes, and Jitsu checks with it.
+        size = len(name.encode("utf-8"))
+        if size > MAX_EVENT_NAME:
             raise IngestError(
-                f"event error: 'event' property is too long: {len(name)} > {MAX_EVENT_NAME}"
+                f"event error: 'event' property is too long: {size} > {MAX_EVENT_NAME}"
             )
 
 
@@ -141,6 +155,13 @@ def _event_size_check(raw: bytes, max_event_bytes: int) -> None:
         )
 
 
+def _mask_body_key(event: dict[str, Any]) -> None:
+    """jitsu-js puts a masked key in the body; anything else there would carry the secret."""
+    body_key = event.get("writeKey")
+    if isinstance(body_key, str) and body_key and not body_key.endswith(":***"):
+        event["writeKey"] = mask_key(body_key)
+
+
 def parse_single(body: bytes, path_type: str, max_event_bytes: int) -> tuple[bytes, str]:
     """Validate one event and return its bytes to forward, plus its messageId."""
     event = _parse_json(body)
@@ -148,10 +169,7 @@ def parse_single(body: bytes, path_type: str, max_event_bytes: int) -> tuple[byt
         raise IngestError("error parsing message: event must be a JSON object")
     _validate_event(event, resolve_type(path_type))
     message_id = ensure_message_id(event)
-    # jitsu-js puts a masked key in the body; anything else there would carry the secret.
-    body_key = event.get("writeKey")
-    if isinstance(body_key, str) and body_key and not body_key.endswith(":***"):
-        event["writeKey"] = mask_key(body_key)
+    _mask_body_key(event)
     raw = _dump(event)
     _event_size_check(raw, max_event_bytes)
     return raw, message_id
@@ -188,6 +206,7 @@ def filter_batch(payload: dict[str, Any], max_event_bytes: int) -> BatchResult:
         except IngestError as exc:
             errors.append(f"Message ID: {message_id}: {exc.message}")
             continue
+        _mask_body_key(event)
         kept.append(event)
     out = {k: v for k, v in payload.items() if k != "writeKey"}
     out["batch"] = kept

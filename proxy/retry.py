@@ -7,6 +7,7 @@ timeouts, 408, 425, 429 and 5xx except 501 are retried; every other non-2xx is p
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.utils
 import json
 import random
@@ -51,14 +52,16 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
-        return float(int(text))
+    if text.isascii() and text.isdigit():
+        # Saturate absurd values instead of converting thousands of digits.
+        return float(int(text[:12]))
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        return None
+        # asctime dates carry no zone; HTTP dates are always UTC (RFC 9110 §5.6.7).
+        when = when.replace(tzinfo=datetime.UTC)
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
 

@@ -1,0 +1,672 @@
+"""Request -> upstream envelope: content type, gzip, Jitsu's event checks, batch filtering,
+forwarded headers and path (proxy/envelope.py).
+
+Jitsu reference: research notes §3.2 (content type, gzip, sizes), §3.5 (event types),
+§3.6 (messageId), §3.8 (batch answer), and ingest/router.go patchEvent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+import zlib
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict, MultiDict
+
+from proxy.auth import KeySource, WriteKey
+from proxy.envelope import (
+    MAX_EVENT_NAME,
+    Envelope,
+    build_envelope,
+    check_content_type,
+    decompress,
+    encode_batch,
+    ensure_message_id,
+    filter_batch,
+    forward_headers,
+    forward_path,
+    parse_batch_payload,
+    parse_single,
+    resolve_type,
+)
+from proxy.errors import IngestError
+
+BIG = 1_000_000
+KEY = WriteKey("kid1234:secretsecretsecret", KeySource.AUTHORIZATION)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def ingest_error(fn: Any, *args: Any) -> IngestError:
+    with pytest.raises(IngestError) as info:
+        fn(*args)
+    return info.value
+
+
+def is_uuid4(value: str) -> bool:
+    return uuid.UUID(value).version == 4 and str(uuid.UUID(value)) == value
+
+
+# ---- check_content_type ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        "text/plain",
+        "text/plain;charset=UTF-8",  # navigator.sendBeacon(url, string)
+        "Application/JSON",
+        "  application/json  ",
+        # Jitsu checks strings.HasSuffix(c.ContentType(), "application/json").
+        "x-application/json",
+        "x/text/plain",
+    ],
+)
+def test_content_type_accepted(content_type: str) -> None:
+    check_content_type(content_type)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [
+        ("text/html", "text/html"),
+        ("text/html; charset=utf-8", "text/html"),
+        ("", "(none)"),
+        ("   ", "(none)"),
+        ("application/x-www-form-urlencoded", "application/x-www-form-urlencoded"),
+        ("multipart/form-data; boundary=xyz", "multipart/form-data"),
+        ("application/jsonp", "application/jsonp"),
+        ("text/plainx", "text/plainx"),
+        # "+json" does not end with "application/json": Jitsu's HasSuffix refuses it too.
+        ("application/vnd.api+json", "application/vnd.api+json"),
+        ("application/json-patch+json", "application/json-patch+json"),
+    ],
+)
+def test_content_type_refused(content_type: str, shown: str) -> None:
+    error = ingest_error(check_content_type, content_type)
+
+    assert error.status == 400
+    assert error.browser_ok is False  # Jitsu answers 400 on browser routes too (§3.8)
+    assert error.message == f"invalid content type: {shown}. Expected: application/json"
+
+
+# ---- decompress --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["", "identity", "br", "deflate"])
+def test_decompress_without_gzip_is_identity(encoding: str) -> None:
+    body = gzip.compress(b'{"batch":[]}')
+    assert decompress(body, encoding, 10) is body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", "x-gzip", "identity, gzip"])
+def test_decompress_gzip_roundtrip(encoding: str) -> None:
+    data = dumps({"batch": [{"type": "page", "messageId": str(i)} for i in range(100)]})
+    assert decompress(gzip.compress(data), encoding, len(data)) == data
+
+
+def test_decompress_exactly_at_limit() -> None:
+    data = b"x" * 1000
+    assert decompress(gzip.compress(data), "gzip", 1000) == data
+
+
+def test_decompress_one_byte_over_limit_is_413() -> None:
+    error = ingest_error(decompress, gzip.compress(b"x" * 1001), "gzip", 1000)
+    assert error.status == 413
+    assert error.message == "request body too large: more than 1000 bytes after decompression"
+
+
+def test_decompress_bomb_is_413() -> None:
+    bomb = gzip.compress(b"\0" * (50 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 100_000
+
+    error = ingest_error(decompress, bomb, "gzip", 1024 * 1024)
+
+    assert error.status == 413
+    assert error.message == ("request body too large: more than 1048576 bytes after decompression")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"not gzip at all", id="plain-text"),
+        pytest.param(b'{"batch":[]}', id="json"),
+        pytest.param(b"\x1f\x8b\x08\x00garbage-after-magic", id="garbage-after-magic"),
+        pytest.param(zlib.compress(b'{"batch":[]}'), id="zlib-not-gzip"),
+    ],
+)
+def test_decompress_garbage_is_400(body: bytes) -> None:
+    error = ingest_error(decompress, body, "gzip", BIG)
+    assert error.status == 400
+    assert error.message.startswith("error parsing message: invalid gzip body: ")
+
+
+def test_decompress_bad_crc_is_400() -> None:
+    data = gzip.compress(b'{"batch":[]}')
+    corrupt = data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:]
+
+    error = ingest_error(decompress, corrupt, "gzip", BIG)
+
+    assert error.status == 400
+    assert error.message.startswith("error parsing message: invalid gzip body: ")
+
+
+@pytest.mark.parametrize("cut", [1, 4, 8, 20])
+def test_decompress_truncated_is_400(cut: int) -> None:
+    data = gzip.compress(dumps({"batch": [{"type": "page"}] * 50}))
+
+    error = ingest_error(decompress, data[:-cut], "gzip", BIG)
+
+    assert error.status == 400
+    assert error.message == "error parsing message: truncated gzip body"
+
+
+def test_decompress_truncated_to_half_is_400() -> None:
+    data = gzip.compress(bytes(range(256)) * 64)
+    error = ingest_error(decompress, data[: len(data) // 2], "gzip", BIG)
+    assert error.status == 400
+    assert error.message == "error parsing message: truncated gzip body"
+
+
+def test_decompress_multi_member_gzip() -> None:
+    body = gzip.compress(b'{"batch":[') + gzip.compress(b'{"type":"page"}]}')
+    assert decompress(body, "gzip", BIG) == b'{"batch":[{"type":"page"}]}'
+
+
+# ---- parse_single ------------------------------------------------------------------------
+
+
+def test_parse_single_keeps_messageid_and_bytes() -> None:
+    event = {"type": "page", "messageId": "m-1", "properties": {"title": "Héllo ✓"}}
+
+    raw, message_id = parse_single(dumps(event), "page", BIG)
+
+    assert message_id == "m-1"
+    assert raw == '{"type":"page","messageId":"m-1","properties":{"title":"Héllo ✓"}}'.encode()
+
+
+def test_parse_single_compacts_whitespace() -> None:
+    body = b'{ "type" : "identify" ,\n "messageId" : "x" }'
+    raw, _ = parse_single(body, "identify", BIG)
+    assert raw == b'{"type":"identify","messageId":"x"}'
+
+
+@pytest.mark.parametrize("given", [{}, {"messageId": None}, {"messageId": ""}])
+def test_parse_single_adds_messageid_when_missing(given: dict[str, Any]) -> None:
+    event = {"type": "page", "properties": {"a": 1}, **given}
+
+    raw, message_id = parse_single(dumps(event), "page", BIG)
+
+    assert is_uuid4(message_id)
+    assert json.loads(raw) == {"type": "page", "properties": {"a": 1}, "messageId": message_id}
+
+
+def test_parse_single_messageids_are_unique() -> None:
+    ids = {parse_single(b'{"type":"page"}', "page", BIG)[1] for _ in range(50)}
+    assert len(ids) == 50
+
+
+@pytest.mark.parametrize(
+    ("path_type", "event"),
+    [
+        ("page", {}),
+        ("identify", {"userId": "u1"}),
+        ("track", {"event": "signup"}),
+        ("group", {"groupId": "g1"}),
+        ("alias", {"previousId": "a"}),
+        ("screen", {"name": "home"}),
+        ("p", {}),
+        ("i", {}),
+        ("t", {"event": "signup"}),
+        ("g", {}),
+        ("a", {}),
+        ("s", {}),
+        ("event", {"type": "page"}),
+        ("e", {"type": "identify"}),
+        ("e", {"type": "track", "event": "x"}),
+    ],
+)
+def test_parse_single_accepted_types(path_type: str, event: dict[str, Any]) -> None:
+    body = dumps({**event, "messageId": "m"})
+    raw, message_id = parse_single(body, path_type, BIG)
+    assert message_id == "m"
+    assert raw == body
+
+
+@pytest.mark.parametrize(
+    ("alias", "full"),
+    [
+        ("p", "page"),
+        ("i", "identify"),
+        ("t", "track"),
+        ("g", "group"),
+        ("a", "alias"),
+        ("s", "screen"),
+        ("e", "event"),
+        ("page", "page"),
+        ("custom", "custom"),
+    ],
+)
+def test_resolve_type(alias: str, full: str) -> None:
+    assert resolve_type(alias) == full
+
+
+@pytest.mark.parametrize(
+    ("path_type", "event", "message"),
+    [
+        ("foo", {}, "event error: Unknown event type: foo"),
+        ("x", {"type": "page"}, "event error: Unknown event type: x"),
+        ("event", {}, "event error: type property of event is required"),
+        ("event", {"type": ""}, "event error: type property of event is required"),
+        ("e", {}, "event error: type property of event is required"),
+        ("event", {"type": "bogus"}, "event error: Unknown event type: bogus"),
+        ("event", {"type": "event"}, "event error: Unknown event type: event"),
+        (
+            "event",
+            {"type": "track"},
+            "event error: 'event' property is required for 'track' event",
+        ),
+        ("track", {}, "event error: 'event' property is required for 'track' event"),
+        ("t", {"event": ""}, "event error: 'event' property is required for 'track' event"),
+        ("track", {"event": None}, "event error: 'event' property is required for 'track' event"),
+        # The path type wins over the body type (Jitsu: ev.Set("type", typeFixed)).
+        ("track", {"type": "page"}, "event error: 'event' property is required for 'track' event"),
+        ("track", {"event": 123}, "event error: 'event' property must be a string"),
+        ("track", {"event": ["a"]}, "event error: 'event' property must be a string"),
+        (
+            "track",
+            {"event": "x" * (MAX_EVENT_NAME + 1)},
+            "event error: 'event' property is too long: 129 > 128",
+        ),
+        (
+            "event",
+            {"type": "track", "event": "y" * 300},
+            "event error: 'event' property is too long: 300 > 128",
+        ),
+    ],
+)
+def test_parse_single_event_errors(path_type: str, event: dict[str, Any], message: str) -> None:
+    error = ingest_error(parse_single, dumps(event), path_type, BIG)
+
+    assert error.message == message
+    assert error.status == 400
+    assert error.browser_ok is True  # Jitsu: 200 + error body on browser routes
+
+
+def test_parse_single_event_name_at_limit() -> None:
+    name = "n" * MAX_EVENT_NAME
+    raw, _ = parse_single(dumps({"event": name, "messageId": "m"}), "track", BIG)
+    assert json.loads(raw)["event"] == name
+
+
+def test_parse_single_event_name_limit_is_in_bytes() -> None:
+    name = "é" * 100  # 100 characters, 200 UTF-8 bytes
+    with pytest.raises(IngestError):
+        parse_single(dumps({"event": name}), "track", BIG)
+
+
+@pytest.mark.parametrize("body", [b"[]", b"[{}]", b'"page"', b"1", b"null", b"true"])
+def test_parse_single_non_object(body: bytes) -> None:
+    error = ingest_error(parse_single, body, "page", BIG)
+    assert error.status == 400
+    assert error.message == "error parsing message: event must be a JSON object"
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b"{'type': 'page'}", b'{"type":"page",}', b"\xff\xfe", b"NaNx"]
+)
+def test_parse_single_malformed_json(body: bytes) -> None:
+    error = ingest_error(parse_single, body, "page", BIG)
+    assert error.status == 400
+    assert error.message.startswith("error parsing message: ")
+
+
+def test_parse_single_deeply_nested_json() -> None:
+    body = b'{"type":"page","p":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    error = ingest_error(parse_single, body, "page", 10**7)
+    assert error.status == 400
+    assert error.message == "error parsing message: JSON nested too deeply"
+
+
+def test_parse_single_size_limit_is_inclusive() -> None:
+    body = dumps({"type": "page", "messageId": "m", "properties": {"pad": "z" * 500}})
+
+    raw, _ = parse_single(body, "page", len(body))
+    assert raw == body
+
+    error = ingest_error(parse_single, body, "page", len(body) - 1)
+    assert error.status == 400
+    assert error.message == (
+        f"event error: message size {len(body)} is too big. max allowed: {len(body) - 1}"
+    )
+
+
+def test_parse_single_size_counts_the_added_messageid() -> None:
+    body = dumps({"type": "page"})
+    # The forwarded event carries a 36-char uuid, so the raw body's size is not enough.
+    error = ingest_error(parse_single, body, "page", len(body) + 10)
+    assert error.message.startswith("event error: message size ")
+
+
+@pytest.mark.parametrize(
+    ("given", "forwarded"),
+    [
+        ("kid1234:secretsecretsecret", "kid1234:***"),
+        ("kid1234:***", "kid1234:***"),  # jitsu-js already masks it
+        ("plainlegacykey", "plai…:***"),
+    ],
+)
+def test_parse_single_masks_body_write_key(given: str, forwarded: str) -> None:
+    body = dumps({"type": "page", "messageId": "m", "writeKey": given})
+
+    raw, _ = parse_single(body, "page", BIG)
+
+    assert json.loads(raw)["writeKey"] == forwarded
+    assert b"secret" not in raw
+    assert b"plainlegacykey" not in raw
+
+
+@pytest.mark.parametrize("value", [None, "", 42])
+def test_parse_single_leaves_non_key_write_key_values(value: Any) -> None:
+    body = dumps({"type": "page", "messageId": "m", "writeKey": value})
+    raw, _ = parse_single(body, "page", BIG)
+    assert json.loads(raw)["writeKey"] == value
+
+
+def test_ensure_message_id() -> None:
+    event: dict[str, Any] = {"messageId": "keep"}
+    assert ensure_message_id(event) == "keep"
+    assert event == {"messageId": "keep"}
+
+    event = {}
+    new_id = ensure_message_id(event)
+    assert is_uuid4(new_id)
+    assert event == {"messageId": new_id}
+    assert ensure_message_id(event) == new_id  # stable across retries
+
+
+# ---- parse_batch_payload -----------------------------------------------------------------
+
+
+def test_parse_batch_payload_ok() -> None:
+    payload = {"batch": [{"type": "page"}], "context": {"library": {"name": "x"}}, "writeKey": "k"}
+    assert parse_batch_payload(dumps(payload)) == payload
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[]", "error parsing message: batch payload must be a JSON object"),
+        (b'"batch"', "error parsing message: batch payload must be a JSON object"),
+        (b"{}", "error parsing message: 'batch' must be a JSON array"),
+        (b'{"batch":null}', "error parsing message: 'batch' must be a JSON array"),
+        (b'{"batch":{"type":"page"}}', "error parsing message: 'batch' must be a JSON array"),
+        (b'{"batch":"[]"}', "error parsing message: 'batch' must be a JSON array"),
+        (b'{"batch":[],"context":[]}', "error parsing message: 'context' must be a JSON object"),
+        (b'{"batch":[],"context":"x"}', "error parsing message: 'context' must be a JSON object"),
+    ],
+)
+def test_parse_batch_payload_refused(body: bytes, message: str) -> None:
+    error = ingest_error(parse_batch_payload, body)
+    assert error.status == 400
+    assert error.message == message
+
+
+def test_parse_batch_payload_null_context_is_fine() -> None:
+    assert parse_batch_payload(b'{"batch":[],"context":null}') == {"batch": [], "context": None}
+
+
+def test_parse_batch_payload_malformed_json() -> None:
+    error = ingest_error(parse_batch_payload, b'{"batch":[')
+    assert error.status == 400
+    assert error.message.startswith("error parsing message: ")
+
+
+# ---- filter_batch ------------------------------------------------------------------------
+
+
+def test_filter_batch_keeps_good_events_and_reports_bad_ones() -> None:
+    good_page = {"type": "page", "messageId": "m1"}
+    good_identify = {"type": "identify", "userId": "u"}
+    payload = {
+        "batch": [
+            good_page,
+            {"type": "track", "messageId": "m2"},
+            "not an object",
+            {"type": "nope", "messageId": "m4"},
+            good_identify,
+            {"type": "track", "messageId": "m6", "event": "e" * 129},
+        ]
+    }
+
+    result = filter_batch(payload, BIG)
+
+    assert result.errors == [
+        "Message ID: m2: event error: 'event' property is required for 'track' event",
+        "Event #2: error parsing message: event must be a JSON object",
+        "Message ID: m4: event error: Unknown event type: nope",
+        "Message ID: m6: event error: 'event' property is too long: 129 > 128",
+    ]
+    assert result.received == 6
+    assert result.ok_events == 2
+    kept = result.payload["batch"]
+    assert kept[0] == {"type": "page", "messageId": "m1"}
+    assert kept[1]["type"] == "identify"
+    assert kept[1]["userId"] == "u"
+    assert is_uuid4(kept[1]["messageId"])
+
+
+def test_filter_batch_error_for_event_without_messageid_names_the_new_id() -> None:
+    result = filter_batch({"batch": [{"properties": {}}]}, BIG)
+
+    assert result.ok_events == 0
+    (error,) = result.errors
+    prefix, new_id, rest = error.split(": ", 2)
+    assert prefix == "Message ID"
+    assert is_uuid4(new_id)
+    assert rest == "event error: type property of event is required"
+
+
+def test_filter_batch_all_good() -> None:
+    payload = {"batch": [{"type": "page", "messageId": str(i)} for i in range(5)]}
+    result = filter_batch(payload, BIG)
+    assert result.errors == []
+    assert result.received == 5
+    assert result.ok_events == 5
+    assert [e["messageId"] for e in result.payload["batch"]] == ["0", "1", "2", "3", "4"]
+
+
+def test_filter_batch_empty() -> None:
+    result = filter_batch({"batch": []}, BIG)
+    assert (result.received, result.ok_events, result.errors) == (0, 0, [])
+    assert result.payload == {"batch": []}
+
+
+def test_filter_batch_events_name_forces_track() -> None:
+    """Jitsu: with a top-level eventsName every item is a track event named after it unless
+    it has its own name (§3.5)."""
+    payload = {
+        "eventsName": "signup",
+        "batch": [
+            {"messageId": "a"},
+            {"type": "page", "messageId": "b"},
+            {"type": "bogus", "messageId": "c", "event": "own_name"},
+            {"messageId": "d", "event": "z" * 129},
+        ],
+    }
+
+    result = filter_batch(payload, BIG)
+
+    assert [e["messageId"] for e in result.payload["batch"]] == ["a", "b", "c"]
+    assert result.errors == ["Message ID: d: event error: 'event' property is too long: 129 > 128"]
+    assert result.payload["eventsName"] == "signup"
+
+
+@pytest.mark.parametrize("events_name", ["", None, 42])
+def test_filter_batch_blank_events_name_does_not_force_track(events_name: Any) -> None:
+    payload = {"eventsName": events_name, "batch": [{"messageId": "a"}]}
+    result = filter_batch(payload, BIG)
+    assert result.ok_events == 0
+    assert result.errors == ["Message ID: a: event error: type property of event is required"]
+
+
+def test_filter_batch_removes_write_key_and_keeps_the_rest() -> None:
+    context = {"library": {"name": "analytics-python", "version": "2.0"}, "ip": "1.2.3.4"}
+    payload = {
+        "writeKey": "kid1234:secretsecretsecret",
+        "batch": [{"type": "page", "messageId": "m1"}],
+        "context": context,
+        "sentAt": "2026-01-01T00:00:00.000Z",
+        "eventsName": "",
+    }
+
+    result = filter_batch(payload, BIG)
+
+    assert result.payload == {
+        "batch": [{"type": "page", "messageId": "m1"}],
+        "context": context,
+        "sentAt": "2026-01-01T00:00:00.000Z",
+        "eventsName": "",
+    }
+    assert b"secret" not in encode_batch(result.payload)
+
+
+def test_filter_batch_per_event_size_limit() -> None:
+    small = {"type": "page", "messageId": "s"}
+    big = {"type": "page", "messageId": "b", "properties": {"pad": "x" * 200}}
+    limit = len(dumps(small)) + 10
+
+    result = filter_batch({"batch": [small, big]}, limit)
+
+    assert result.payload["batch"] == [small]
+    assert result.errors == [
+        f"Message ID: b: event error: message size {len(dumps(big))} is too big. "
+        f"max allowed: {limit}"
+    ]
+
+
+def test_encode_batch_is_compact_utf8() -> None:
+    assert encode_batch({"batch": [{"n": "é"}], "context": {}}) == (
+        '{"batch":[{"n":"é"}],"context":{}}'.encode()
+    )
+
+
+# ---- forward_headers ---------------------------------------------------------------------
+
+
+def full_request_headers() -> CIMultiDict[str]:
+    return CIMultiDict(
+        [
+            ("Host", "t.example.com"),
+            ("Authorization", "Basic a2lkMTIzNDpzZWNyZXRzZWNyZXRzZWNyZXQ6"),
+            ("X-Write-Key", "other:key"),
+            ("Cookie", "__eventn_id=abc; session=xyz"),
+            ("Content-Type", "text/plain;charset=UTF-8"),
+            ("Content-Encoding", "gzip"),
+            ("Content-Length", "123"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Real-IP", "6.6.6.6"),
+            ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64)"),
+            ("Accept-Language", "de-DE,de;q=0.9"),
+            ("X-IP-Policy", "stripLastOctet"),
+            ("Origin", "https://www.example.com"),
+            ("Referer", "https://www.example.com/pricing"),
+            ("X-Jitsu-Custom", "x"),
+        ]
+    )
+
+
+def test_forward_headers_exact() -> None:
+    headers = forward_headers(full_request_headers(), KEY, "203.0.113.7")
+
+    assert headers == {
+        "Content-Type": "application/json",
+        "X-Write-Key": "kid1234:secretsecretsecret",
+        "X-Real-IP": "203.0.113.7",
+        "X-Forwarded-For": "203.0.113.7",
+        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)",
+        "Accept-Language": "de-DE,de;q=0.9",
+        "X-IP-Policy": "stripLastOctet",
+        "Origin": "https://www.example.com",
+        "Referer": "https://www.example.com/pricing",
+    }
+
+
+def test_forward_headers_key_only_in_x_write_key() -> None:
+    headers = forward_headers(full_request_headers(), KEY, "203.0.113.7")
+    carrying = [name for name, value in headers.items() if "secretsecret" in value]
+    assert carrying == ["X-Write-Key"]
+    assert "Authorization" not in headers
+    assert "Cookie" not in headers
+
+
+def test_forward_headers_minimal() -> None:
+    assert forward_headers(CIMultiDict(), None, "") == {"Content-Type": "application/json"}
+
+
+def test_forward_headers_without_key() -> None:
+    headers = forward_headers(CIMultiDict({"X-Write-Key": "a:b"}), None, "198.51.100.1")
+    assert headers == {
+        "Content-Type": "application/json",
+        "X-Real-IP": "198.51.100.1",
+        "X-Forwarded-For": "198.51.100.1",
+    }
+
+
+def test_forward_headers_case_insensitive_passthrough() -> None:
+    request = CIMultiDict({"user-agent": "curl/8", "x-ip-policy": "remove", "origin": ""})
+    headers = forward_headers(request, None, "")
+    assert headers == {
+        "Content-Type": "application/json",
+        "User-Agent": "curl/8",
+        "X-IP-Policy": "remove",
+    }
+
+
+# ---- forward_path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({}, "/api/s/page"),
+        ({"writekey": "kid:secret"}, "/api/s/page"),
+        ({"writekey": "kid:secret", "foo": "bar"}, "/api/s/page?foo=bar"),
+        ({"a": "1", "writekey": "k", "b": "2"}, "/api/s/page?a=1&b=2"),
+        ({"writeKey": "kid:secret", "WRITEKEY": "x", "keep": "y"}, "/api/s/page?keep=y"),
+        ({"q": "x y&z=1"}, "/api/s/page?q=x+y%26z%3D1"),
+    ],
+)
+def test_forward_path(query: dict[str, str], expected: str) -> None:
+    assert forward_path("/api/s/page", query) == expected
+
+
+def test_forward_path_multidict_keeps_repeated_params() -> None:
+    query = MultiDict([("a", "1"), ("writekey", "kid:secret"), ("a", "2")])
+    assert forward_path("/v1/batch", query) == "/v1/batch?a=1&a=2"
+
+
+# ---- build_envelope ----------------------------------------------------------------------
+
+
+def test_build_envelope() -> None:
+    envelope = build_envelope("/v1/batch", {"X-Write-Key": KEY.value}, b"{}", 3, KEY)
+    assert envelope == Envelope(
+        path="/v1/batch",
+        headers={"X-Write-Key": KEY.value},
+        body=b"{}",
+        events=3,
+        key_id="kid1234",
+    )
+
+
+def test_build_envelope_without_key() -> None:
+    assert build_envelope("/api/s/page", {}, b"{}", 1, None).key_id == ""
