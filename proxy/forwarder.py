@@ -40,15 +40,19 @@ class Attempt:
     reason: str
     retry_after_s: float | None = None
     partial: str | None = None  # a batch upstream took only in part
+    sent: bool = True
 
 
 class _HandBack(Exception):
     """Stop retrying inside the request; the buffer takes over the wait."""
 
-    def __init__(self, status: int | None, retry_after_s: float | None) -> None:
+    def __init__(
+        self, status: int | None, retry_after_s: float | None, *, sent: bool = True
+    ) -> None:
         super().__init__(status)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.sent = sent
 
 
 class _InRequestRetry(ExponentialRetry):
@@ -106,6 +110,7 @@ class Forwarder:
         self.stopping = False
         self.retry_after_s: float | None = None
         self.next_probe_at = 0.0
+        self.probe_seq: int | None = None
         self.cursor = 0
         self.inflight: dict[int, asyncio.Task[None]] = {}
         self.attempts: collections.Counter[int] = collections.Counter()
@@ -122,8 +127,13 @@ class Forwarder:
         ) -> None:
             seq = (ctx.trace_request_ctx or {}).get("seq")
             fwd = forwarder_ref.get("forwarder")
-            if seq is not None and fwd is not None:
-                fwd.attempts[seq] += 1
+            if seq is None or fwd is None:
+                return
+            # Once upstream is known to fail, only the probe may go out; a request that was
+            # waiting between in-request retries goes back to the buffer instead.
+            if fwd.failing and seq != fwd.probe_seq:
+                raise _HandBack(None, None, sent=False)
+            fwd.attempts[seq] += 1
 
         trace.on_request_start.append(on_start)
         return trace
@@ -198,9 +208,13 @@ class Forwarder:
         if not rows:
             self.failing = False
             return
+        self.probe_seq = rows[0].seq
         task = asyncio.create_task(self._deliver(rows[0]), name=f"probe-{rows[0].seq}")
         self.inflight[rows[0].seq] = task
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        finally:
+            self.probe_seq = None
 
     async def _deliver(self, row: Row) -> None:
         try:
@@ -239,10 +253,12 @@ class Forwarder:
             self._slot_freed.set()
 
     def _failed(self, row: Row, attempt: Attempt) -> None:
+        self.cursor = 0  # resend from the oldest row once upstream is back
+        if not attempt.sent:
+            return  # handed back before it was sent: nothing new was learnt about upstream
         self.failing = True
         self.failures += 1
         self.retry_after_s = attempt.retry_after_s
-        self.cursor = 0  # resend from the oldest row once upstream is back
         log.warning(
             "upstream_retry",
             seq=row.seq,

@@ -29,6 +29,6 @@ class AppState:
 APP_STATE = web.AppKey("state", AppState)
 
 # Per-request facts the access-log line reports.
-BROWSER_ROUTE = "proxy.browser_route"
-KEY_ID = "proxy.key_id"
-EVENT_COUNT = "proxy.events"
+BROWSER_ROUTE = web.RequestKey("browser_route", bool)
+KEY_ID = web.RequestKey("key_id", str)
+EVENT_COUNT = web.RequestKey("events", int)

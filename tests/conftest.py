@@ -1,0 +1,71 @@
+"""Shared fixtures: a real fake Jitsu on loopback and the proxy app built by the real factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import create_app
+from proxy.config import Config, build_config
+from proxy.logs import configure_logging
+from tests.fakejitsu import FakeJitsu
+
+configure_logging("debug", "json")
+
+ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def test_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
+    """Fast retries so scenarios run in a moment; everything else at its default."""
+    raw = {
+        "upstream": {
+            "url": upstream_url,
+            "timeout_s": 5,
+            "retry": {"initial_backoff_s": 0.02, "max_backoff_s": 0.2},
+        },
+        "buffer": {"path": str(tmp_path / "buffer"), "min_free_bytes": 0},
+    }
+    return build_config(_merge(raw, overrides), environ={})
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeJitsu]:
+    fake = FakeJitsu()
+    await fake.start()
+    yield fake
+    fake.hang = False
+    await fake.stop()
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client: Any, tmp_path: Path, upstream: FakeJitsu) -> ProxyFactory:
+    async def factory(**overrides: Any) -> TestClient[Any, Any]:
+        config = test_config(tmp_path, upstream.url, **overrides)
+        client: TestClient[Any, Any] = await aiohttp_client(
+            create_app(config), server_kwargs={"auto_decompress": False}
+        )
+        return client
+
+    return factory
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
+    return await make_proxy()
