@@ -104,6 +104,7 @@ class Buffer:
         self.events = 0
         self.dead_rows = 0
         self.last_error: str | None = None
+        self.sqlite_settings: dict[str, str] = {}
         self.new_data = asyncio.Event()
         self._reserved = 0
         self._lock_fd: int | None = None
@@ -112,6 +113,9 @@ class Buffer:
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        # Once full, stay refusing until the backlog drains below the low-water mark, so that
+        # readiness does not flap with every delivered row.
+        self._full = False
         self._free_checked_at = 0.0
         self._free_bytes = 1 << 62
 
@@ -135,7 +139,7 @@ class Buffer:
             rows=self.rows,
             bytes=self.bytes,
             dead_letter_rows=self.dead_rows,
-            fsync=self.fsync,
+            **self.sqlite_settings,
         )
 
     async def close(self) -> None:
@@ -207,6 +211,13 @@ class Buffer:
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0) FROM events"
             ).fetchone()
             (dead,) = conn.execute("SELECT count(*) FROM dead_letter").fetchone()
+            # Read back what SQLite actually does, so a silent default cannot hide.
+            self.sqlite_settings = {
+                "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+                "synchronous": {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(
+                    conn.execute("PRAGMA synchronous").fetchone()[0], "?"
+                ),
+            }
         except sqlite3.Error as exc:
             raise BufferError_(f"cannot open buffer {self.dir / DB_NAME}: {exc}") from exc
         self._conn = conn
@@ -397,7 +408,13 @@ class Buffer:
         """Refuse before reading work we could not keep: 503 + Retry-After, never a 2xx."""
         if self._closing or self._writer is None:
             raise BufferClosedError("proxy is shutting down")
+        if self._full and self.bytes > self.low_water:
+            raise BufferFullError(
+                f"buffer full: {self.bytes} of {self.max_bytes} bytes used", retry_after_s=5
+            )
+        self._full = False
         if self.bytes + self._reserved + size > self.max_bytes:
+            self._full = True
             raise BufferFullError(
                 f"buffer full: {self.bytes} of {self.max_bytes} bytes used", retry_after_s=5
             )
@@ -447,11 +464,16 @@ class Buffer:
         return await self._run(self._dead_letters, limit)
 
     @property
+    def low_water(self) -> int:
+        return self.max_bytes * 9 // 10
+
+    @property
     def writable(self) -> bool:
         return (
             not self._closing
             and self._writer is not None
             and self.last_error is None
+            and not (self._full and self.bytes > self.low_water)
             and self.bytes < self.max_bytes
             and self._disk_free() >= self.min_free_bytes
         )

@@ -186,6 +186,7 @@ async def readyz(request: web.Request) -> web.Response:
             "max_bytes": buf.max_bytes,
             "dead_letter_rows": buf.dead_rows,
             "fsync": buf.fsync,
+            "sqlite": buf.sqlite_settings,
             "last_error": buf.last_error,
         },
         "draining": state.draining,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import Config, build_config
@@ -58,9 +58,10 @@ async def upstream() -> AsyncIterator[FakeJitsu]:
 def make_proxy(aiohttp_client: Any, tmp_path: Path, upstream: FakeJitsu) -> ProxyFactory:
     async def factory(**overrides: Any) -> TestClient[Any, Any]:
         config = test_config(tmp_path, upstream.url, **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(
-            create_app(config), server_kwargs={"auto_decompress": False}
-        )
+        server = TestServer(create_app(config))
+        # As in production (__main__): the handlers inflate gzip bodies themselves, capped.
+        await server.start_server(auto_decompress=False)
+        client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
 
     return factory
