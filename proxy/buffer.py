@@ -105,6 +105,7 @@ class Buffer:
         self.dead_rows = 0
         self.last_error: str | None = None
         self.sqlite_settings: dict[str, str] = {}
+        self._sync_level = ""
         self.new_data = asyncio.Event()
         self._reserved = 0
         self._lock_fd: int | None = None
@@ -192,7 +193,8 @@ class Buffer:
                 self.dir / DB_NAME, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
+            self._sync_level = "FULL" if self.fsync else "NORMAL"
+            conn.execute(f"PRAGMA synchronous = {self._sync_level}")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -274,6 +276,7 @@ class Buffer:
         write (say, an insert on a full disk) never takes a delete that frees space with it."""
         conn = self._conn
         assert conn is not None
+        self._set_sync(conn, any(op.kind == "insert" for op in ops))
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(conn, op) for op in ops]
@@ -285,6 +288,15 @@ class Buffer:
         if len(ops) == 1:
             return [self._commit_one(conn, ops[0])]
         return [self._commit_one(conn, op) for op in ops]
+
+    def _set_sync(self, conn: sqlite3.Connection, inserting: bool) -> None:
+        """Only an insert carries a promise to a client. A delete or dead-letter lost to a power
+        cut merely resends the row (at least once), so those commits skip the fsync; the next
+        FULL commit syncs the WAL, earlier frames included."""
+        level = "FULL" if self.fsync and inserting else "NORMAL"
+        if level != self._sync_level:
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._sync_level = level
 
     def _commit_one(self, conn: sqlite3.Connection, op: _Op) -> tuple[bool, Any]:
         try:

@@ -49,7 +49,7 @@ class RetryConfig:
 class UpstreamConfig:
     url: str = "http://127.0.0.1:3049"
     timeout_s: float = 30.0
-    concurrency: int = 8
+    concurrency: int = 16
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 
 

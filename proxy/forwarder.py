@@ -56,10 +56,12 @@ class _HandBack(Exception):
 
 
 class _InRequestRetry(ExponentialRetry):
-    """aiohttp-retry options: our status list, jittered backoff, Retry-After as a floor, and a
-    hand-back to the buffer when the wait would be long or upstream is known to be failing."""
+    """aiohttp-retry options for one row: our status list, jittered backoff, Retry-After as a
+    floor. The first request to meet a failing upstream becomes the probe and keeps its
+    in-request retries; every other request hands its row back to the buffer at once, so
+    that a failing upstream sees one request at a time."""
 
-    def __init__(self, forwarder: Forwarder, attempts: int) -> None:
+    def __init__(self, forwarder: Forwarder, attempts: int, seq: int) -> None:
         super().__init__(
             attempts=attempts,
             statuses=set(RETRY_STATUSES),
@@ -67,6 +69,7 @@ class _InRequestRetry(ExponentialRetry):
             retry_all_server_errors=False,
         )
         self._forwarder = forwarder
+        self._seq = seq
 
     def get_timeout(self, attempt: int, response: aiohttp.ClientResponse | None = None) -> float:
         status = None
@@ -76,8 +79,11 @@ class _InRequestRetry(ExponentialRetry):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             response.close()  # aiohttp-retry does not release a response it retries
         fwd = self._forwarder
+        if not fwd.failing:
+            fwd.failing = True
+            fwd.probe_seq = self._seq
         delay = fwd.backoff.delay(attempt, retry_after)
-        if fwd.failing or fwd.stopping or delay > fwd.backoff.max_s:
+        if fwd.probe_seq != self._seq or fwd.stopping or delay > fwd.backoff.max_s:
             raise _HandBack(status, retry_after)
         return delay
 
@@ -100,10 +106,7 @@ class Forwarder:
             multiplier=config.retry.multiplier,
             max_retry_after_s=config.retry.max_retry_after_s,
         )
-        self.client = RetryClient(
-            client_session=session,
-            retry_options=_InRequestRetry(self, config.retry.request_attempts),
-        )
+        self.client = RetryClient(client_session=session)
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.failing = False
         self.failures = 0
@@ -112,7 +115,10 @@ class Forwarder:
         self.next_probe_at = 0.0
         self.probe_seq: int | None = None
         self.cursor = 0
+        # Rows handed to a task and not yet settled in the buffer; `sending` of them are
+        # waiting on upstream, and only those count against the concurrency.
         self.inflight: dict[int, asyncio.Task[None]] = {}
+        self.sending = 0
         self.attempts: collections.Counter[int] = collections.Counter()
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -180,7 +186,7 @@ class Forwarder:
                 await asyncio.sleep(1.0)
 
     async def _dispatch(self) -> None:
-        free = self.config.concurrency - len(self.inflight)
+        free = self.config.concurrency - self.sending
         if free <= 0:
             self._slot_freed.clear()
             await self._slot_freed.wait()
@@ -194,6 +200,7 @@ class Forwarder:
             return
         for row in rows:
             self.cursor = max(self.cursor, row.seq)
+            self.sending += 1
             self.inflight[row.seq] = asyncio.create_task(self._deliver(row), name=f"send-{row.seq}")
 
     async def _probe(self) -> None:
@@ -209,6 +216,7 @@ class Forwarder:
             self.failing = False
             return
         self.probe_seq = rows[0].seq
+        self.sending += 1
         task = asyncio.create_task(self._deliver(rows[0]), name=f"probe-{rows[0].seq}")
         self.inflight[rows[0].seq] = task
         try:
@@ -218,7 +226,13 @@ class Forwarder:
 
     async def _deliver(self, row: Row) -> None:
         try:
-            attempt = await self._send(row)
+            try:
+                attempt = await self._send(row)
+            finally:
+                # The slot is free once upstream answered; the row stays excluded from fetches
+                # (in `inflight`) until its delete or dead-letter is committed.
+                self.sending -= 1
+                self._slot_freed.set()
             self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
             if attempt.outcome is Outcome.RETRY:
                 self._failed(row, attempt)
@@ -250,6 +264,8 @@ class Forwarder:
             self.cursor = 0
         finally:
             self.inflight.pop(row.seq, None)
+            if self.probe_seq == row.seq:
+                self.probe_seq = None
             self._slot_freed.set()
 
     def _failed(self, row: Row, attempt: Attempt) -> None:
@@ -257,6 +273,8 @@ class Forwarder:
         if not attempt.sent:
             return  # handed back before it was sent: nothing new was learnt about upstream
         self.failing = True
+        if self.probe_seq not in (None, row.seq):
+            return  # another request is the probe; only its failures shape the backoff
         self.failures += 1
         self.retry_after_s = attempt.retry_after_s
         log.warning(
@@ -277,6 +295,7 @@ class Forwarder:
                 headers=row.headers,
                 timeout=self.timeout,
                 trace_request_ctx={"seq": row.seq},
+                retry_options=_InRequestRetry(self, self.config.retry.request_attempts, row.seq),
             ) as resp:
                 body = await resp.content.read(MAX_RESPONSE_BYTES)
                 status = resp.status
@@ -305,7 +324,7 @@ class Forwarder:
         return {
             "failing": self.failing,
             "consecutive_failures": self.failures,
-            "in_flight": len(self.inflight),
+            "in_flight": self.sending,
             "next_probe_in_s": round(max(0.0, self.next_probe_at - time.time()), 3)
             if self.failing
             else 0.0,

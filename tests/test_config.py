@@ -52,7 +52,7 @@ def test_defaults_without_file() -> None:
     assert config.upstream == UpstreamConfig(
         url="http://127.0.0.1:3049",
         timeout_s=30.0,
-        concurrency=8,
+        concurrency=16,
         retry=RetryConfig(
             initial_backoff_s=1.0,
             max_backoff_s=30.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -133,15 +134,26 @@ async def test_only_one_probe_in_flight_while_upstream_fails(
     make_proxy: Any, upstream: FakeJitsu
 ) -> None:
     proxy = await make_proxy(upstream={"concurrency": 8})
-    upstream.script.extend(Answer(503) for _ in range(30))
-    for i in range(20):
+    # Slow failures, so that overlapping requests would be seen at the fake upstream.
+    upstream.script.extend(Answer(503, delay_s=0.05) for _ in range(40))
+    for i in range(30):
         await send(proxy, f"m{i}")
-    await upstream.wait_for(lambda f: not f.script, timeout=15)
-    failures_seen = [r for r in upstream.received if r.status == 503]
-    assert len(failures_seen) == 30
-    await upstream.wait_for(lambda f: len(set(f.delivered_ids())) == 20, timeout=15)
-    # Requests in flight when the first failure came back may finish their own attempts;
-    # after that it is one probe at a time. The healthy drain reaches the configured 8 at most.
+    fwd = state(proxy).forwarder
+    await _until(lambda: fwd.failing and fwd.failures >= 2 and upstream.in_flight <= 1)
+    # From here on upstream is known to fail: only the probe may be in flight.
+    upstream.max_in_flight = upstream.in_flight
+    probes_before = len(upstream.received)
+    await upstream.wait_for(lambda f: not f.script, timeout=20)
+    assert len(upstream.received) - probes_before >= 5
+    assert upstream.max_in_flight == 1
+    # Of the first burst, only the request that met the failure first retried inside its
+    # request; every later failure is the probe, which is the oldest event.
+    failed = collections.Counter(r.message_ids[0] for r in upstream.received if r.status == 503)
+    retried = {mid for mid, n in failed.items() if n > 1}
+    assert len(retried - {"m0"}) <= 1, failed
+    # Healthy again: the backlog drains with the configured concurrency.
+    upstream.max_in_flight = 0
+    await upstream.wait_for(lambda f: len(set(f.delivered_ids())) == 30, timeout=15)
     assert upstream.max_in_flight <= 8
 
 
@@ -175,7 +187,7 @@ async def test_metrics_count_what_happened(
     assert "sUperSecretValue123" not in text
 
 
-async def _until(predicate: Any, timeout: float = 10) -> None:
+async def _until(predicate: Any, timeout: float = 15) -> None:
     async def loop() -> None:
         while not predicate():
             await asyncio.sleep(0.01)
