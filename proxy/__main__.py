@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import create_app
+from proxy.app import create_app, server_options
 from proxy.config import load_config
 from proxy.errors import BufferError_, ConfigError
 from proxy.logs import configure_logging
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=config.server.shutdown_timeout_s,
             access_log=None,
             print=None,
-            auto_decompress=False,
+            **server_options(config),
         )
     except BufferError_ as exc:
         log.error("buffer_unusable", error=str(exc))

@@ -31,6 +31,14 @@ class ServerConfig:
         default_factory=lambda: ["127.0.0.1/32", "::1/128"]
     )
     shutdown_timeout_s: float = 10.0
+    # A connection that is idle, or whose request headers have not all arrived, is closed after
+    # this long (slowloris). Jitsu's own ingest allows 5 s for headers and 65 s idle.
+    idle_timeout_s: float = 15.0
+    # The whole request body must arrive within this (slow-body clients get 408).
+    body_timeout_s: float = 10.0
+    max_headers: int = 100
+    # Longest request line or single header field, in bytes (aiohttp answers 400 beyond it).
+    max_header_bytes: int = 8190
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +250,10 @@ def _check(config: Config) -> None:
     problems: list[tuple[str, bool]] = [
         ("server.port", not 0 <= config.server.port <= 65535),
         ("server.shutdown_timeout_s", config.server.shutdown_timeout_s < 0),
+        ("server.idle_timeout_s", config.server.idle_timeout_s <= 0),
+        ("server.body_timeout_s", config.server.body_timeout_s <= 0),
+        ("server.max_headers", config.server.max_headers < 1),
+        ("server.max_header_bytes", config.server.max_header_bytes < 256),
         ("upstream.url", not config.upstream.url.startswith(("http://", "https://"))),
         ("upstream.timeout_s", config.upstream.timeout_s <= 0),
         ("upstream.concurrency", config.upstream.concurrency < 1),

@@ -7,6 +7,7 @@ answers by the error middleware in `app`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -54,7 +55,19 @@ async def preflight(request: web.Request) -> web.Response:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing (413) before reading more than `limit` bytes."""
+    """The request body, refusing (413) before reading more than `limit` bytes, and (408) a
+    client that takes longer than `server.body_timeout_s` to send it."""
+    timeout = request.app[APP_STATE].config.server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_capped(request, limit)
+    except TimeoutError:
+        raise IngestError(
+            f"request body not received within {timeout:g} s", status=408, browser_ok=False
+        ) from None
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise IngestError(

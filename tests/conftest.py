@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app
+from proxy.app import create_app, server_options
 from proxy.config import Config, build_config
 from proxy.logs import configure_logging
 from tests.fakejitsu import FakeJitsu
@@ -59,8 +59,7 @@ def make_proxy(aiohttp_client: Any, tmp_path: Path, upstream: FakeJitsu) -> Prox
     async def factory(**overrides: Any) -> TestClient[Any, Any]:
         config = test_config(tmp_path, upstream.url, **overrides)
         server = TestServer(create_app(config))
-        # As in production (__main__): the handlers inflate gzip bodies themselves, capped.
-        await server.start_server(auto_decompress=False)
+        await server.start_server(**server_options(config))
         client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
 
