@@ -6,6 +6,7 @@ sits between; the forwarder starts last and stops first.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,9 +20,16 @@ from proxy import routes
 from proxy.buffer import Buffer
 from proxy.clientip import parse_networks
 from proxy.config import Config
-from proxy.errors import BufferClosedError, BufferError_, BufferFullError, IngestError
+from proxy.errors import (
+    BufferClosedError,
+    BufferError_,
+    BufferFullError,
+    IngestError,
+    RateLimitedError,
+)
 from proxy.forwarder import Forwarder
 from proxy.metrics import Metrics
+from proxy.ratelimit import TokenBuckets
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
 log = structlog.get_logger("proxy.access")
@@ -43,6 +51,12 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
         if request.get(BROWSER_ROUTE, False) and exc.browser_ok:
             status = 200  # Jitsu's browser routes answer 200 with the error (research §2.4)
         return routes.json_response({"error": exc.message}, status=status)
+    if isinstance(exc, RateLimitedError):
+        return routes.json_response(
+            {"error": str(exc)},
+            status=429,
+            headers={hdrs.RETRY_AFTER: str(max(1, math.ceil(exc.retry_after_s)))},
+        )
     if isinstance(exc, BufferFullError):
         return routes.json_response(
             {"error": str(exc)}, status=503, headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
@@ -129,6 +143,12 @@ def create_app(config: Config) -> web.Application:
         metrics=metrics,
         trusted_proxies=parse_networks(config.server.trusted_proxies),
         buffer=buffer,
+        ip_limits=TokenBuckets(
+            config.security.rate_limit.per_ip_rps, config.security.rate_limit.per_ip_burst
+        ),
+        key_limits=TokenBuckets(
+            config.security.rate_limit.per_key_rps, config.security.rate_limit.per_key_burst
+        ),
     )
     app[APP_STATE] = state
     metrics.gauges(
@@ -142,6 +162,10 @@ def create_app(config: Config) -> web.Application:
                 lambda: float(buffer.writable),
             ),
             "proxy_dead_letter_rows": ("Rows in the dead-letter store", lambda: buffer.dead_rows),
+            "proxy_buffer_quarantined": (
+                "Corrupt buffer files moved aside since start",
+                lambda: len(buffer.quarantined),
+            ),
             "proxy_upstream_up": (
                 "0 while upstream is failing",
                 lambda: 0.0 if state.forwarder is not None and state.forwarder.failing else 1.0,

@@ -33,6 +33,11 @@ class WriteKey:
         """The public half of `keyId:secret`; the only part that may be logged."""
         return key_id(self.value)
 
+    @property
+    def public_id(self) -> str:
+        """What an allowlist names: the id of `keyId:secret`, or a plain key (stream id) whole."""
+        return self.value.split(":", 1)[0]
+
 
 def key_id(value: str) -> str:
     if ":" in value:

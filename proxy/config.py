@@ -6,6 +6,7 @@ Every key is declared once, in the dataclasses below; their field types drive va
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import math
 import os
@@ -82,6 +83,23 @@ class LimitsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RateLimitConfig:
+    # Requests per second; 0 switches the limit off. Burst 0 means "one second's worth".
+    per_ip_rps: float = 0.0
+    per_ip_burst: int = 0
+    per_key_rps: float = 0.0
+    per_key_burst: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityConfig:
+    # Write-key ids (the part before ':') this proxy relays; empty relays any key. Others are
+    # answered as Jitsu answers an unknown key, without reaching upstream.
+    allowed_key_ids: list[str] = dataclasses.field(default_factory=list)
+    rate_limit: RateLimitConfig = dataclasses.field(default_factory=RateLimitConfig)
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     # json | console | auto (console on a TTY, JSON otherwise)
@@ -94,6 +112,7 @@ class Config:
     upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
     buffer: BufferConfig = dataclasses.field(default_factory=BufferConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
 
@@ -271,12 +290,17 @@ def _check(config: Config) -> None:
         ("limits.max_request_bytes", config.limits.max_request_bytes <= 0),
         ("limits.max_decompressed_bytes", config.limits.max_decompressed_bytes <= 0),
         ("limits.max_event_bytes", config.limits.max_event_bytes <= 0),
+        ("security.rate_limit.per_ip_rps", config.security.rate_limit.per_ip_rps < 0),
+        ("security.rate_limit.per_ip_burst", config.security.rate_limit.per_ip_burst < 0),
+        ("security.rate_limit.per_key_rps", config.security.rate_limit.per_key_rps < 0),
+        ("security.rate_limit.per_key_burst", config.security.rate_limit.per_key_burst < 0),
         ("log.level", config.log.level.lower() not in {"debug", "info", "warning", "error"}),
         ("log.format", config.log.format not in {"json", "console", "auto"}),
     ]
     for key, bad in problems:
         if bad:
-            raise ConfigError(f"config key {key}: invalid value")
+            value = functools.reduce(getattr, key.split("."), config)
+            raise ConfigError(f"config key {key}: invalid value {value!r}")
     for i, cidr in enumerate(config.server.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)

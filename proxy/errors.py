@@ -6,7 +6,8 @@ ProxyError
 │   ├── BufferLockedError   another process holds the buffer directory
 │   ├── BufferFullError     configured bound or the disk is full (503 + Retry-After)
 │   └── BufferClosedError   the buffer is closing or closed (503)
-└── IngestError             a client request Jitsu would refuse (status + public message)
+├── IngestError             a client request Jitsu would refuse (status + public message)
+└── RateLimitedError        a client over its request rate (429 + Retry-After)
 """
 
 from __future__ import annotations
@@ -52,3 +53,11 @@ class IngestError(ProxyError):
         self.message = message
         self.status = status
         self.browser_ok = browser_ok
+
+
+class RateLimitedError(ProxyError):
+    """A client IP or write key is over its configured request rate."""
+
+    def __init__(self, what: str, retry_after_s: float) -> None:
+        super().__init__(f"rate limit exceeded for this {what}")
+        self.retry_after_s = retry_after_s

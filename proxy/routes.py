@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 from proxy import envelope as env
 from proxy.auth import WriteKey, find_write_key
 from proxy.clientip import resolve_client_ip
-from proxy.errors import IngestError
+from proxy.errors import IngestError, RateLimitedError
 from proxy.metrics import CONTENT_TYPE
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
@@ -105,15 +105,18 @@ async def ingest_single(request: web.Request) -> web.Response:
     request[BROWSER_ROUTE] = not s2s
     limits = state.config.limits
     env.check_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    client_ip = _client_ip(request, state)
+    _limit_ip(state, client_ip)
     key = find_write_key(request.headers, request.query)
     _require_key(request, key, s2s)
+    _admit_key(state, key)
     body = await _read_body(request, limits.max_request_bytes)
     # Jitsu does not inflate single-event bodies; a gzip one fails to parse there and here.
     raw, _message_id = env.parse_single(body, request.match_info["type"], limits.max_event_bytes)
     state.buffer.check_admission(len(raw))
     envelope = env.build_envelope(
         env.forward_path(request.path, request.query),
-        env.forward_headers(request.headers, key, _client_ip(request, state)),
+        env.forward_headers(request.headers, key, client_ip),
         raw,
         1,
         key,
@@ -128,6 +131,8 @@ async def ingest_batch(request: web.Request) -> web.Response:
     request[BROWSER_ROUTE] = False
     limits = state.config.limits
     env.check_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    client_ip = _client_ip(request, state)
+    _limit_ip(state, client_ip)
     # Authorization / X-Write-Key / ?writekey= come first, and a bad Authorization fails
     # before the body is read, as in Jitsu.
     key = find_write_key(request.headers, request.query)
@@ -145,6 +150,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
     if key is None:
         key = find_write_key({}, {}, payload.get("writeKey"))
     _require_key(request, key, True)
+    _admit_key(state, key)
     result = env.filter_batch(payload, limits.max_event_bytes)
     answer: dict[str, Any] = {
         "ok": not result.errors,
@@ -159,7 +165,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
         state.buffer.check_admission(len(raw))
         envelope = env.build_envelope(
             env.forward_path(request.path, request.query),
-            env.forward_headers(request.headers, key, _client_ip(request, state)),
+            env.forward_headers(request.headers, key, client_ip),
             raw,
             result.ok_events,
             key,
@@ -181,6 +187,30 @@ def _require_key(request: web.Request, key: WriteKey | None, strict: bool) -> No
         )
 
 
+def _limit_ip(state: AppState, client_ip: str) -> None:
+    wait = state.ip_limits.take(client_ip)
+    if wait:
+        state.metrics.events_refused.labels("rate_limited").inc()
+        raise RateLimitedError("client IP", wait)
+
+
+def _admit_key(state: AppState, key: WriteKey | None) -> None:
+    """The optional allowlist and per-key rate limit. An unknown key is answered as Jitsu
+    answers one (200 with the error on browser routes, 401 elsewhere) and goes no further."""
+    allowed = state.config.security.allowed_key_ids
+    if allowed and (key is None or key.public_id not in allowed):
+        state.metrics.events_refused.labels("unknown_key").inc()
+        shown = key.key_id + ":***" if key is not None else ""
+        raise IngestError(
+            f"stream not found: for: [writeKey: {shown}][ingestType: writeKey]", status=401
+        )
+    if key is not None:
+        wait = state.key_limits.take(key.public_id)
+        if wait:
+            state.metrics.events_refused.labels("rate_limited").inc()
+            raise RateLimitedError("write key", wait)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "pass"})
 
@@ -189,8 +219,10 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[APP_STATE]
     buf = state.buffer
     ready = buf.writable and not state.draining
+    # "warn": serving, but something needs a person (a corrupt buffer was moved aside).
+    status = "fail" if not ready else "warn" if buf.quarantined else "pass"
     body: dict[str, Any] = {
-        "status": "pass" if ready else "fail",
+        "status": status,
         "buffer": {
             "writable": buf.writable,
             "rows": buf.rows,
@@ -201,6 +233,7 @@ async def readyz(request: web.Request) -> web.Response:
             "fsync": buf.fsync,
             "sqlite": buf.sqlite_settings,
             "last_error": buf.last_error,
+            "quarantined": buf.quarantined,
         },
         "draining": state.draining,
     }

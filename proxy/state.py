@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.clientip import Network
 from proxy.config import Config
 from proxy.metrics import Metrics
+from proxy.ratelimit import TokenBuckets
 
 if TYPE_CHECKING:
     from proxy.buffer import Buffer
@@ -22,6 +23,8 @@ class AppState:
     metrics: Metrics
     trusted_proxies: tuple[Network, ...]
     buffer: Buffer
+    ip_limits: TokenBuckets
+    key_limits: TokenBuckets
     forwarder: Forwarder | None = None
     draining: bool = False
 

@@ -353,12 +353,14 @@ def test_port_in_range(port: int) -> None:
 
 @pytest.mark.parametrize("port", [-1, 65536, 100000])
 def test_port_out_of_range(port: int) -> None:
-    assert config_error({"server": {"port": port}}) == "config key server.port: invalid value"
+    assert config_error({"server": {"port": port}}) == (
+        f"config key server.port: invalid value {port!r}"
+    )
 
 
 def test_port_out_of_range_from_env() -> None:
     message = config_error({}, {"PROXY_SERVER_PORT": "70000"})
-    assert message == "config key server.port: invalid value"
+    assert message.startswith("config key server.port: invalid value")
 
 
 @pytest.mark.parametrize(
@@ -389,7 +391,9 @@ def test_host_bits_set_cidr_is_accepted() -> None:
     "url", ["ftp://ingest.example.com", "ingest.example.com", "127.0.0.1:3049", "", "ws://x"]
 )
 def test_non_http_upstream_url(url: str) -> None:
-    assert config_error({"upstream": {"url": url}}) == "config key upstream.url: invalid value"
+    assert config_error({"upstream": {"url": url}}) == (
+        f"config key upstream.url: invalid value {url!r}"
+    )
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:3049", "https://ingest.example.com/"])
@@ -422,7 +426,7 @@ def test_http_upstream_url(url: str) -> None:
     ],
 )
 def test_value_checks_name_the_key(raw: dict[str, Any], key: str) -> None:
-    assert config_error(raw) == f"config key {key}: invalid value"
+    assert config_error(raw).startswith(f"config key {key}: invalid value ")
 
 
 def test_log_level_is_case_insensitive() -> None:
