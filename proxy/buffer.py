@@ -105,6 +105,8 @@ class Buffer:
         self.dead_rows = 0
         self.last_error: str | None = None
         self.sqlite_settings: dict[str, str] = {}
+        # Corrupt buffer files moved aside since start: {"path", "reason"}.
+        self.quarantined: list[dict[str, str]] = []
         self._sync_level = ""
         self.new_data = asyncio.Event()
         self._reserved = 0
@@ -188,16 +190,31 @@ class Buffer:
     # ---- runs on the buffer thread ---------------------------------------------------------
 
     def _open_db(self) -> None:
+        """Open the buffer; a corrupt file is moved aside whole (kept for salvage) and a fresh
+        buffer started, so a bad file never becomes a crash loop or a silent stall."""
         try:
-            conn = sqlite3.connect(
-                self.dir / DB_NAME, isolation_level=None, check_same_thread=False
-            )
+            self._connect()
+        except _CorruptError as exc:
+            self._quarantine(str(exc))
+            self._connect()
+
+    def _connect(self) -> None:
+        path = self.dir / DB_NAME
+        conn = None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # Identify the file before changing anything in it (journal_mode rewrites the
+            # header): a foreign database is quarantined untouched.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            if (version == 0 and tables) or (version != 0 and app_id != APPLICATION_ID):
+                raise _CorruptError("the database is not a buffer of this proxy")
             conn.execute("PRAGMA journal_mode = WAL")
             self._sync_level = "FULL" if self.fsync else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {self._sync_level}")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.execute("PRAGMA journal_size_limit = 67108864")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.executescript(SCHEMA)
@@ -205,9 +222,11 @@ class Buffer:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise BufferError_(
-                    f"buffer {self.dir / DB_NAME} has schema version {version}, "
-                    f"this proxy reads {SCHEMA_VERSION}"
+                    f"buffer {path} has schema version {version}, this proxy reads {SCHEMA_VERSION}"
                 )
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise _CorruptError("quick_check: " + "; ".join(problems))
             # Occupancy comes from the table itself, never from a separately kept counter.
             rows, size, events = conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0) FROM events"
@@ -220,10 +239,35 @@ class Buffer:
                     conn.execute("PRAGMA synchronous").fetchone()[0], "?"
                 ),
             }
+        except (_CorruptError, BufferError_):
+            if conn is not None:
+                conn.close()
+            raise
         except sqlite3.Error as exc:
-            raise BufferError_(f"cannot open buffer {self.dir / DB_NAME}: {exc}") from exc
+            if conn is not None:
+                conn.close()
+            if _is_corruption(exc):
+                raise _CorruptError(str(exc)) from exc
+            raise BufferError_(f"cannot open buffer {path}: {exc}") from exc
         self._conn = conn
         self.rows, self.bytes, self.events, self.dead_rows = rows, size, events, dead
+
+    def _quarantine(self, reason: str) -> None:
+        """Move the database and its -wal/-shm together (never split a WAL from its db)."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.dir / "quarantine" / f"buffer.corrupt-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.dir / "quarantine" / f"buffer.corrupt-{stamp}-{n}"
+        target.mkdir(parents=True)
+        for suffix in ("", "-wal", "-shm"):
+            src = self.dir / (DB_NAME + suffix)
+            if src.exists():
+                os.replace(src, target / src.name)
+        _fsync_dir(self.dir)
+        self.quarantined.append({"path": str(target), "reason": reason})
+        log.error("buffer_quarantined", path=str(target), reason=reason)
 
     def _close_db(self) -> None:
         if self._conn is not None:
@@ -493,6 +537,26 @@ class Buffer:
     @property
     def closing(self) -> bool:
         return self._closing
+
+
+class _CorruptError(Exception):
+    """The buffer file is damaged or not ours: quarantine it."""
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_disk_full(exc: BaseException) -> bool:
