@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, salvage
 from proxy.app import create_app, server_options
 from proxy.config import load_config
 from proxy.errors import BufferError_, ConfigError
@@ -18,10 +20,17 @@ from proxy.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="proxy", description=__doc__)
     parser.add_argument(
         "--config", default=os.environ.get("PROXY_CONFIG"), help="path to config.yaml"
     )
+    salvaging = bool(argv) and argv[0] == "salvage"
+    if salvaging:
+        parser.prog = "proxy salvage"
+        parser.description = salvage.__doc__
+        parser.add_argument("file", type=Path, help="a quarantined buffer.db")
+        argv = argv[1:]
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -31,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging(config.log.level, config.log.format)
     log = structlog.get_logger("proxy")
+    if salvaging:
+        try:
+            result = asyncio.run(salvage.salvage(config, args.file))
+        except BufferError_ as exc:
+            log.error("salvage_failed", error=str(exc))
+            return 1
+        log.info("salvage_done", **result)
+        return 0
     upstream = urlsplit(config.upstream.url)
     log.info(
         "proxy_starting",
