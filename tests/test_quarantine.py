@@ -148,7 +148,8 @@ async def test_salvage_copies_the_readable_rows_back(tmp_path: Path) -> None:
 
     config = tmp_path / "config.yaml"
     config.write_text(f"buffer:\n  path: {live}\nlog:\n  format: json\n")
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [
             sys.executable,
             "-m",
