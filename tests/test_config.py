@@ -446,3 +446,8 @@ def test_nan_is_rejected(environ: dict[str, str], key: str) -> None:
     assert f"config key {key}" in message
     assert "expected a finite number" in message
     assert next(iter(environ)) in message
+
+
+def test_shipped_config_yaml_loads_and_matches_the_defaults() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "config.yaml"
+    assert load_config(shipped, environ={}) == build_config({}, {})
