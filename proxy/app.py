@@ -10,6 +10,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,12 +31,12 @@ from proxy.errors import (
 from proxy.forwarder import Forwarder
 from proxy.metrics import Metrics
 from proxy.ratelimit import TokenBuckets
+from proxy.script import ScriptCache, ScriptUnavailableError
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
 log = structlog.get_logger("proxy.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-INGEST_ROUTES = frozenset(routes.BATCH_PATHS + routes.SINGLE_PATHS)
 
 
 def _route_of(request: web.Request) -> str:
@@ -51,6 +52,10 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
         if request.get(BROWSER_ROUTE, False) and exc.browser_ok:
             status = 200  # Jitsu's browser routes answer 200 with the error (research §2.4)
         return routes.json_response({"error": exc.message}, status=status)
+    if isinstance(exc, ScriptUnavailableError):
+        return routes.json_response(
+            {"error": str(exc)}, status=503, headers={hdrs.RETRY_AFTER: "5"}
+        )
     if isinstance(exc, RateLimitedError):
         return routes.json_response(
             {"error": str(exc)},
@@ -94,13 +99,14 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         except Exception as exc:
             response = error_response(request, exc)
         origin = request.headers.get(hdrs.ORIGIN)
-        if route in INGEST_ROUTES and origin and request.method != hdrs.METH_OPTIONS:
+        public = route in request.app[APP_STATE].public_routes
+        if public and origin and request.method != hdrs.METH_OPTIONS:
             response.headers.update(routes.cors_headers(origin))
         return response
     finally:
         status = response.status if "response" in locals() else 500
         state = request.app[APP_STATE]
-        if route in INGEST_ROUTES and request.method == hdrs.METH_POST:
+        if route in state.public_routes and request.method == hdrs.METH_POST:
             state.metrics.requests.labels(route, str(status)).inc()
         log.info(
             "request",
@@ -172,8 +178,16 @@ def create_app(config: Config) -> web.Application:
             ),
         }
     )
-    routes.add_routes(app)
+    state.public_routes = routes.add_routes(app, config)
+    if routes.public_routes(config)[0]:
+        state.script = ScriptCache(
+            origin=config.script.origin or config.upstream.url.rstrip("/") + "/p.js",
+            cache_dir=Path(config.buffer.path) / "script",
+            event_prefix=config.routes.event_prefix,
+            refresh_s=config.script.refresh_s,
+        )
     app.cleanup_ctx.append(_buffer_ctx)
+    app.cleanup_ctx.append(_script_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -184,6 +198,17 @@ async def _buffer_ctx(app: web.Application) -> AsyncIterator[None]:
     await buffer.open()
     yield
     await buffer.close()
+
+
+async def _script_ctx(app: web.Application) -> AsyncIterator[None]:
+    script = app[APP_STATE].script
+    if script is None:
+        yield
+        return
+    async with aiohttp.ClientSession() as session:
+        await script.start(session)
+        yield
+        await script.stop()
 
 
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:

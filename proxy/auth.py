@@ -20,6 +20,7 @@ class KeySource(StrEnum):
     HEADER = "x-write-key"
     QUERY = "query"
     BODY = "body"
+    HOST = "host"  # routes.host_keys: the first-party Host's configured key
     NONE = "none"
 
 

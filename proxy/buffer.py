@@ -32,10 +32,19 @@ T = TypeVar("T")
 
 DB_NAME = "buffer.db"
 LOCK_NAME = "proxy.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4A545355  # "JTSU"
 # Most operations one transaction may carry; bounds commit latency under a burst.
 MAX_GROUP = 1024
+
+# Each step takes the schema from version N to N + 1, in one transaction with the version bump.
+MIGRATIONS = {
+    # v2: the pixel route forwards GET requests.
+    1: (
+        "ALTER TABLE events ADD COLUMN method TEXT NOT NULL DEFAULT 'POST';"
+        "ALTER TABLE dead_letter ADD COLUMN method TEXT NOT NULL DEFAULT 'POST';"
+    ),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -46,7 +55,8 @@ CREATE TABLE IF NOT EXISTS events (
     headers     TEXT    NOT NULL,
     body        BLOB    NOT NULL,
     size        INTEGER NOT NULL,
-    events      INTEGER NOT NULL
+    events      INTEGER NOT NULL,
+    method      TEXT    NOT NULL DEFAULT 'POST'
 );
 CREATE TABLE IF NOT EXISTS dead_letter (
     seq         INTEGER PRIMARY KEY,
@@ -60,7 +70,8 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     failed_at   REAL    NOT NULL,
     status      INTEGER,
     reason      TEXT    NOT NULL,
-    attempts    INTEGER NOT NULL
+    attempts    INTEGER NOT NULL,
+    method      TEXT    NOT NULL DEFAULT 'POST'
 );
 """
 
@@ -75,6 +86,7 @@ class Row:
     body: bytes
     size: int
     events: int
+    method: str = "POST"
 
 
 @dataclasses.dataclass
@@ -220,6 +232,13 @@ class Buffer:
                 conn.executescript(SCHEMA)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version in MIGRATIONS:
+                for step in range(version, SCHEMA_VERSION):
+                    conn.executescript(
+                        f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version = {step + 1};"
+                        " COMMIT;"
+                    )
+                log.info("buffer_migrated", from_version=version, to_version=SCHEMA_VERSION)
             elif version != SCHEMA_VERSION:
                 raise BufferError_(
                     f"buffer {path} has schema version {version}, this proxy reads {SCHEMA_VERSION}"
@@ -282,16 +301,17 @@ class Buffer:
             seqs = []
             for env in envelopes:
                 cur = conn.execute(
-                    "INSERT INTO events (received_at, key_id, path, headers, body, size, events)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO events (received_at, key_id, path, headers, body, size, events,"
+                    " method) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         now,
                         env.key_id,
                         env.path,
                         json.dumps(env.headers),
                         env.body,
-                        len(env.body),
+                        env.stored_size,
                         env.events,
+                        env.method,
                     ),
                 )
                 seqs.append(cur.lastrowid)
@@ -306,8 +326,9 @@ class Buffer:
             row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
             conn.execute(
                 "INSERT OR REPLACE INTO dead_letter (seq, received_at, key_id, path, headers, body,"
-                " size, events, failed_at, status, reason, attempts)"
-                " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?"
+                " size, events, failed_at, status, reason, attempts, method)"
+                " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?,"
+                " method"
                 " FROM events WHERE seq = ?",
                 (time.time(), status, reason, attempts, seq),
             )
@@ -357,13 +378,13 @@ class Buffer:
         conn = self._conn
         assert conn is not None
         cur = conn.execute(
-            "SELECT seq, received_at, key_id, path, headers, body, size, events FROM events"
-            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, received_at, key_id, path, headers, body, size, events, method"
+            " FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         )
         return [
-            Row(seq, received_at, key_id, path, json.loads(headers), bytes(body), size, events)
-            for seq, received_at, key_id, path, headers, body, size, events in cur
+            Row(seq, at, key_id, path, json.loads(headers), bytes(body), size, events, method)
+            for seq, at, key_id, path, headers, body, size, events, method in cur
         ]
 
     def _dead_letters(self, limit: int) -> list[dict[str, Any]]:
@@ -422,7 +443,7 @@ class Buffer:
             self.last_error = None
         for op, (ok, result) in zip(ops, results, strict=True):
             if op.kind == "insert":
-                size = sum(len(e.body) for e in op.args)
+                size = sum(e.stored_size for e in op.args)
                 self._reserved -= size
                 if ok:
                     self.rows += len(op.args)
@@ -490,7 +511,7 @@ class Buffer:
 
     async def append(self, envelopes: Sequence[Envelope]) -> list[int]:
         """Commit envelopes durably; returns their sequence numbers once they are on disk."""
-        size = sum(len(e.body) for e in envelopes)
+        size = sum(e.stored_size for e in envelopes)
         self.check_admission(size)
         self._reserved += size
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -34,6 +34,11 @@ def _trusted(addr: Address, networks: tuple[Network, ...]) -> bool:
     return any(addr.version == net.version and addr in net for net in networks)
 
 
+def is_trusted(peer: str, trusted: tuple[Network, ...]) -> bool:
+    addr = _parse(peer)
+    return addr is not None and _trusted(addr, trusted)
+
+
 def _all_values(headers: Mapping[str, str], name: str) -> str:
     """Every line of a header joined, so a forged first line cannot hide the ones our own
     proxies appended on lines of their own."""
@@ -43,34 +48,84 @@ def _all_values(headers: Mapping[str, str], name: str) -> str:
     return headers.get(name, "")
 
 
+# Headers a trusted peer may use to name the client, in the order they are tried by default.
+DEFAULT_HEADERS = ("X-Forwarded-For", "X-Real-IP")
+# Headers naming one address (set by a CDN), as opposed to a chain of hops.
+SINGLE_VALUE = frozenset({"x-real-ip", "cf-connecting-ip", "true-client-ip"})
+
+
 def resolve_client_ip(
-    peer: str | None, headers: Mapping[str, str], trusted: tuple[Network, ...]
+    peer: str | None,
+    headers: Mapping[str, str],
+    trusted: tuple[Network, ...],
+    believe: Sequence[str] = DEFAULT_HEADERS,
 ) -> str:
     """The client IP as text.
 
-    From a trusted peer, X-Forwarded-For is walked right to left, skipping trusted hops; the
-    first untrusted address is the client (a client cannot spoof the entries our own proxies
-    appended). Without X-Forwarded-For, a trusted peer's X-Real-IP is taken. Anything else is
-    the socket peer.
+    Only a trusted peer's headers are read, and only those named in `believe`, in that order
+    (CF-Connecting-IP and True-Client-IP are opt-in: a client could set them itself behind a
+    proxy that does not strip them). Chains (X-Forwarded-For, Forwarded) are walked right to
+    left, skipping trusted hops; the first untrusted address is the client, since a client
+    cannot spoof the entries our own proxies appended. Otherwise: the socket peer.
     """
     peer_addr = _parse(peer) if peer else None
     if peer_addr is None:
         return peer or ""
     if not _trusted(peer_addr, trusted):
         return str(peer_addr)
-    forwarded = _all_values(headers, "X-Forwarded-For")
-    if forwarded.strip():
-        hops = [_parse(part) for part in forwarded.split(",")]
-        candidate: Address | None = None
-        for hop in reversed(hops):
-            if hop is None:
-                break  # garbage: stop believing anything further left
-            candidate = hop
-            if not _trusted(hop, trusted):
-                return str(hop)
-        if candidate is not None:
-            return str(candidate)
-    real_ip = _parse(headers.get("X-Real-IP", ""))
-    if real_ip is not None:
-        return str(real_ip)
+    for name in believe:
+        lowered = name.lower()
+        if lowered in SINGLE_VALUE:
+            addr = _parse(headers.get(name, ""))
+            if addr is not None:
+                return str(addr)
+            continue
+        value = _all_values(headers, name)
+        if not value.strip():
+            continue
+        if lowered == "forwarded":
+            hops = [_parse(_forwarded_for(part)) for part in value.split(",")]
+        else:
+            hops = [_parse(part) for part in value.split(",")]
+        found = _walk(hops, trusted)
+        if found is not None:
+            return str(found)
     return str(peer_addr)
+
+
+def _walk(hops: list[Address | None], trusted: tuple[Network, ...]) -> Address | None:
+    candidate: Address | None = None
+    for hop in reversed(hops):
+        if hop is None:
+            break  # garbage: stop believing anything further left
+        candidate = hop
+        if not _trusted(hop, trusted):
+            return hop
+    return candidate
+
+
+def _forwarded_for(element: str) -> str:
+    """The `for=` of one RFC 7239 element (`for=1.2.3.4;proto=https`, `for="[v6]:port"`)."""
+    for pair in element.split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name.lower() == "for":
+            return value.strip().strip('"')
+    return ""
+
+
+def anonymize(ip: str, policy: str) -> str:
+    """Edge IP anonymisation, applied before anything is written to disk.
+
+    keep: as is. stripLastOctet: a.b.c.0 for IPv4 (Jitsu's own policy), the /48 for IPv6.
+    remove: empty.
+    """
+    if policy == "keep" or not ip:
+        return ip
+    if policy == "remove":
+        return ""
+    addr = _parse(ip)
+    if addr is None:
+        return ""
+    prefix = 24 if addr.version == 4 else 48
+    net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+    return str(net.network_address)

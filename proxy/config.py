@@ -21,6 +21,10 @@ import yaml
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "PROXY"
+IP_POLICIES = frozenset({"keep", "stripLastOctet", "remove"})
+CLIENT_IP_HEADERS = frozenset(
+    {"x-forwarded-for", "x-real-ip", "cf-connecting-ip", "true-client-ip", "forwarded"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,11 @@ class ServerConfig:
     # Peers whose X-Forwarded-For / X-Real-IP are believed (CIDRs). Everyone else is the client.
     trusted_proxies: list[str] = dataclasses.field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+    # Which of a trusted peer's headers name the client, tried in order. Add
+    # CF-Connecting-IP, True-Client-IP or Forwarded when the trusted proxy sets them.
+    client_ip_headers: list[str] = dataclasses.field(
+        default_factory=lambda: ["X-Forwarded-For", "X-Real-IP"]
     )
     shutdown_timeout_s: float = 10.0
     # A connection that is idle, or whose request headers have not all arrived, is closed after
@@ -83,6 +92,32 @@ class LimitsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoutesConfig:
+    # Keep Jitsu's own paths (/api/s/..., /v1/batch..., /p.js) so existing snippets work.
+    jitsu_paths: bool = True
+    # Extra paths serving the tracking script, e.g. /assets/app.js.
+    script_paths: list[str] = dataclasses.field(default_factory=list)
+    # A neutral prefix for event routes, e.g. /collect: /collect/{type}, /collect/s2s/{type}.
+    # The script served by the proxy then sends its events there.
+    event_prefix: str = ""
+    # Extra batch paths (Segment-style), forwarded upstream as /v1/batch.
+    batch_paths: list[str] = dataclasses.field(default_factory=list)
+    # Write key per first-party Host, for event requests that carry none. Jitsu finds such
+    # streams by Host, which it cannot see behind the proxy (research notes §2.3).
+    host_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The ITP visitor-id endpoint for jitsu-js's `idEndpoint` option; empty switches it off.
+    id_path: str = "/api/id"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptConfig:
+    # Where /p.js comes from; empty means <upstream.url>/p.js.
+    origin: str = ""
+    refresh_s: float = 120.0
+    cache_control: str = "public, max-age=120"
+
+
+@dataclasses.dataclass(frozen=True)
 class RateLimitConfig:
     # Requests per second; 0 switches the limit off. Burst 0 means "one second's worth".
     per_ip_rps: float = 0.0
@@ -100,6 +135,15 @@ class SecurityConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    # keep | stripLastOctet | remove: applied to the client IP before it is written to disk.
+    ip_policy: str = "keep"
+    # Domain for the visitor cookies the proxy sets (pixel, id endpoint); empty: the
+    # registrable domain of the request's Host (www.shop.example.com -> example.com).
+    cookie_domain: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     # json | console | auto (console on a TTY, JSON otherwise)
@@ -113,6 +157,9 @@ class Config:
     buffer: BufferConfig = dataclasses.field(default_factory=BufferConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    routes: RoutesConfig = dataclasses.field(default_factory=RoutesConfig)
+    script: ScriptConfig = dataclasses.field(default_factory=ScriptConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
 
@@ -186,6 +233,13 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"config key {name}: expected a mapping, got {_kind(value)}")
         return _build(typing.cast(type, tp), value, prefix=f"{name}.")
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name}: expected a mapping, got {_kind(value)}")
+        for k, v in value.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ConfigError(f"config key {name}: keys and values must be strings")
+        return {k.lower(): v for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -239,6 +293,16 @@ def _apply_env(
 
 def _from_env(tp: Any, text: str, env_name: str, name: str) -> Any:
     where = f"environment variable {env_name} (config key {name})"
+    if typing.get_origin(tp) is dict:
+        out: dict[str, str] = {}
+        for item in text.split(","):
+            if not item.strip():
+                continue
+            k, sep, v = item.partition("=")
+            if not sep or not k.strip() or not v.strip():
+                raise ConfigError(f"{where}: expected host=value pairs, got {item.strip()!r}")
+            out[k.strip().lower()] = v.strip()
+        return out
     if typing.get_origin(tp) is list:
         return [item.strip() for item in text.split(",") if item.strip()]
     if tp is bool:
@@ -294,6 +358,7 @@ def _check(config: Config) -> None:
         ("security.rate_limit.per_ip_burst", config.security.rate_limit.per_ip_burst < 0),
         ("security.rate_limit.per_key_rps", config.security.rate_limit.per_key_rps < 0),
         ("security.rate_limit.per_key_burst", config.security.rate_limit.per_key_burst < 0),
+        ("privacy.ip_policy", config.privacy.ip_policy not in IP_POLICIES),
         ("log.level", config.log.level.lower() not in {"debug", "info", "warning", "error"}),
         ("log.format", config.log.format not in {"json", "console", "auto"}),
     ]
@@ -301,6 +366,31 @@ def _check(config: Config) -> None:
         if bad:
             value = functools.reduce(getattr, key.split("."), config)
             raise ConfigError(f"config key {key}: invalid value {value!r}")
+    routes = config.routes
+    paths = [*routes.script_paths, *routes.batch_paths]
+    if routes.id_path:
+        paths.append(routes.id_path)
+    if routes.event_prefix:
+        paths.append(routes.event_prefix)
+    for path in paths:
+        if not path.startswith("/") or path.endswith("/") or "{" in path or "?" in path:
+            raise ConfigError(
+                f"config key routes: {path!r} must start with '/' and not end with '/'"
+            )
+    if not routes.jitsu_paths and not routes.event_prefix:
+        raise ConfigError(
+            "config key routes.jitsu_paths: false leaves no event route; set routes.event_prefix"
+        )
+    if config.script.origin and not config.script.origin.startswith(("http://", "https://")):
+        raise ConfigError(f"config key script.origin: invalid value {config.script.origin!r}")
+    if config.script.refresh_s <= 0:
+        raise ConfigError(f"config key script.refresh_s: invalid value {config.script.refresh_s}")
+    for i, name in enumerate(config.server.client_ip_headers):
+        if name.lower() not in CLIENT_IP_HEADERS:
+            raise ConfigError(
+                f"config key server.client_ip_headers[{i}]: {name!r} is not one of "
+                + ", ".join(sorted(CLIENT_IP_HEADERS))
+            )
     for i, cidr in enumerate(config.server.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)

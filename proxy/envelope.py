@@ -7,6 +7,8 @@ callers get the error here instead of a silent rejection later.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import uuid
@@ -43,6 +45,12 @@ class Envelope:
     body: bytes
     events: int
     key_id: str
+    method: str = "POST"
+
+    @property
+    def stored_size(self) -> int:
+        """What the buffer counts: a pixel's event lives in its query string."""
+        return len(self.body) + len(self.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +222,10 @@ def filter_batch(payload: dict[str, Any], max_event_bytes: int) -> BatchResult:
 
 
 def forward_headers(
-    request_headers: Mapping[str, str], key: WriteKey | None, client_ip: str
+    request_headers: Mapping[str, str],
+    key: WriteKey | None,
+    client_ip: str,
+    ip_policy: str = "keep",
 ) -> dict[str, str]:
     """Headers of the upstream request: the key in X-Write-Key only, one clean client IP."""
     headers = {"Content-Type": "application/json"}
@@ -227,6 +238,9 @@ def forward_headers(
         value = request_headers.get(name)
         if value:
             headers[name] = value
+    if ip_policy == "remove":
+        # With no IP header Jitsu would take the proxy's own address; this makes it store none.
+        headers["X-IP-Policy"] = "remove"
     return headers
 
 
@@ -250,3 +264,35 @@ def build_envelope(
 
 def encode_batch(payload: dict[str, Any]) -> bytes:
     return _dump(payload)
+
+
+# Pixel query parameters that steer the pixel rather than describe the event.
+PIXEL_CONTROL = frozenset({"data", "cookie_domain", "process_headers", "destination_url"})
+
+
+def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
+    """The event a pixel request describes, as Jitsu assembles it: `data` (standard base64 of a
+    JSON object), then every other parameter set at its dotted path. Validated like any event."""
+    event: dict[str, Any] = {}
+    data = query.get("data")
+    if data:
+        try:
+            decoded = json.loads(base64.b64decode(data, validate=True))
+        except (ValueError, binascii.Error, RecursionError):
+            raise IngestError("error parsing message: 'data' is not base64 of JSON") from None
+        if not isinstance(decoded, dict):
+            raise IngestError("error parsing message: 'data' must be a JSON object")
+        event = decoded
+    for name, value in query.items():
+        if name in PIXEL_CONTROL or name.lower() == "writekey":
+            continue
+        node = event
+        *parents, leaf = name.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    _validate_event(event, resolve_type(path_type))
+    return event

@@ -289,9 +289,10 @@ class Forwarder:
     async def _send(self, row: Row) -> Attempt:
         key = row.headers.get("X-Write-Key")
         try:
-            async with self.client.post(
+            async with self.client.request(
+                row.method,
                 self.base_url + row.path,
-                data=row.body,
+                data=row.body or None,
                 headers=row.headers,
                 timeout=self.timeout,
                 trace_request_ctx={"seq": row.seq},
@@ -300,6 +301,7 @@ class Forwarder:
                 body = await resp.content.read(MAX_RESPONSE_BYTES)
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                jitsu_error = resp.headers.get("X-Jitsu-Error")
         except _HandBack as hb:
             return Attempt(
                 Outcome.RETRY, hb.status, f"upstream answered {hb.status}", hb.retry_after_s
@@ -313,7 +315,8 @@ class Forwarder:
             return Attempt(outcome, status, f"upstream answered {status}", retry_after)
         if outcome is Outcome.REJECTED:
             return Attempt(outcome, status, f"upstream answered {status}: {excerpt}")
-        refused = rejection_in_body(status, body)
+        # The pixel answers 200 with a GIF and puts its refusal in a header (research §2.4).
+        refused = jitsu_error or rejection_in_body(status, body)
         if refused is not None:
             return Attempt(Outcome.REJECTED, status, f"upstream refused: {redact(refused, key)}")
         return Attempt(outcome, status, "ok", partial=_partial_batch(body, key))

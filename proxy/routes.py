@@ -8,16 +8,22 @@ answers by the error middleware in `app`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
+import uuid
 from typing import Any
 
 from aiohttp import hdrs, web
 
+from proxy import cookies
 from proxy import envelope as env
-from proxy.auth import WriteKey, find_write_key
-from proxy.clientip import resolve_client_ip
+from proxy.auth import KeySource, WriteKey, find_write_key
+from proxy.clientip import anonymize, is_trusted, resolve_client_ip
+from proxy.config import Config
 from proxy.errors import IngestError, RateLimitedError
 from proxy.metrics import CONTENT_TYPE
+from proxy.script import etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
 # Jitsu's batch route and its aliases for Segment libraries (research notes §1).
@@ -89,7 +95,14 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
 
 
 def _client_ip(request: web.Request, state: AppState) -> str:
-    return resolve_client_ip(request.remote, request.headers, state.trusted_proxies)
+    """The client's IP, anonymised by privacy.ip_policy before anything stores it."""
+    ip = resolve_client_ip(
+        request.remote,
+        request.headers,
+        state.trusted_proxies,
+        state.config.server.client_ip_headers,
+    )
+    return anonymize(ip, state.config.privacy.ip_policy)
 
 
 async def _commit(request: web.Request, state: AppState, envelope: env.Envelope) -> None:
@@ -98,24 +111,26 @@ async def _commit(request: web.Request, state: AppState, envelope: env.Envelope)
     request[EVENT_COUNT] = envelope.events
 
 
-async def ingest_single(request: web.Request) -> web.Response:
-    """POST /api/s/{type} and /api/s/s2s/{type}: one event, forwarded to the same path."""
+async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
+    """POST /api/s/{type}, /api/s/s2s/{type} and their aliases under routes.event_prefix: one
+    event, forwarded to Jitsu's own path for it."""
     state = request.app[APP_STATE]
-    s2s = request.path.startswith("/api/s/s2s/")
     request[BROWSER_ROUTE] = not s2s
+    event_type = request.match_info["type"]
     limits = state.config.limits
     env.check_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
     client_ip = _client_ip(request, state)
     _limit_ip(state, client_ip)
-    key = find_write_key(request.headers, request.query)
+    key = find_write_key(request.headers, request.query) or _host_key(request, state)
     _require_key(request, key, s2s)
     _admit_key(state, key)
     body = await _read_body(request, limits.max_request_bytes)
     # Jitsu does not inflate single-event bodies; a gzip one fails to parse there and here.
-    raw, _message_id = env.parse_single(body, request.match_info["type"], limits.max_event_bytes)
+    raw, _message_id = env.parse_single(body, event_type, limits.max_event_bytes)
+    upstream_path = f"/api/s/{'s2s/' if s2s else ''}{event_type}"
     envelope = env.build_envelope(
-        env.forward_path(request.path, request.query),
-        env.forward_headers(request.headers, key, client_ip),
+        env.forward_path(upstream_path, request.query),
+        env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy),
         raw,
         1,
         key,
@@ -161,9 +176,11 @@ async def ingest_batch(request: web.Request) -> web.Response:
         state.metrics.events_refused.labels("invalid_event").inc(len(result.errors))
     if result.ok_events:
         raw = env.encode_batch(result.payload)
+        # Jitsu knows its own batch aliases; ours go to its canonical path.
+        upstream_path = request.path if request.path in BATCH_PATHS else "/v1/batch"
         envelope = env.build_envelope(
-            env.forward_path(request.path, request.query),
-            env.forward_headers(request.headers, key, client_ip),
+            env.forward_path(upstream_path, request.query),
+            env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy),
             raw,
             result.ok_events,
             key,
@@ -183,6 +200,18 @@ def _require_key(request: web.Request, key: WriteKey | None, strict: bool) -> No
             "stream not found: for: [writeKey: ][ingestType: writeKey]: write key is required",
             status=401,
         )
+
+
+def _host_key(request: web.Request, state: AppState) -> WriteKey | None:
+    """The configured key of a first-party Host, for event requests that carry none."""
+    host_keys = state.config.routes.host_keys
+    if not host_keys:
+        return None
+    host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
+    if host.startswith("[") or host.count(":") > 1:  # an IPv6 literal: no name to match
+        return None
+    value = host_keys.get(host)
+    return WriteKey(value, KeySource.HOST) if value else None
 
 
 def _limit_ip(state: AppState, client_ip: str) -> None:
@@ -246,14 +275,176 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application) -> None:
+async def pixel(request: web.Request) -> web.Response:
+    """GET /api/px/{type}: the tracking pixel, answered at the edge with the GIF (errors ride in
+    X-Jitsu-Error, as in Jitsu); the event is buffered and forwarded like the others, to
+    Jitsu's own pixel route, with only Jitsu's cookies."""
+    state = request.app[APP_STATE]
+    request[BROWSER_ROUTE] = True
+    headers = dict(cookies.NO_CACHE)
+    set_cookies: list[str] = []
+    try:
+        client_ip = _client_ip(request, state)
+        _limit_ip(state, client_ip)
+        key = find_write_key(request.headers, request.query) or _host_key(request, state)
+        _require_key(request, key, False)
+        _admit_key(state, key)
+        event_type = request.match_info["type"]
+        event = env.pixel_event(request.query, event_type)
+        query = dict(request.query)
+        if not event.get("messageId"):
+            query["messageId"] = str(uuid.uuid4())
+        jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
+        forward = env.forward_headers(
+            request.headers, key, client_ip, state.config.privacy.ip_policy
+        )
+        del forward[hdrs.CONTENT_TYPE]
+        cookie_header = cookies.forwarded_cookies(request.headers.get(hdrs.COOKIE, ""))
+        if cookies.truthy(query.get("process_headers")) and not event.get("anonymousId"):
+            if "__eventn_id" not in jar:
+                # Set on the site's domain here; Jitsu's own would be for its host.
+                visitor = str(uuid.uuid4())
+                set_cookies.append(
+                    cookies.set_cookie(
+                        "__eventn_id",
+                        visitor,
+                        _cookie_domain(request, state, query),
+                        secure=_is_https(request, state),
+                    )
+                )
+                cookie_header = "; ".join(filter(None, [cookie_header, f"__eventn_id={visitor}"]))
+        if cookie_header:
+            forward[hdrs.COOKIE] = cookie_header
+        envelope = dataclasses.replace(
+            env.build_envelope(
+                env.forward_path(f"/api/px/{event_type}", query), forward, b"", 1, key
+            ),
+            method="GET",
+        )
+        await _commit(request, state, envelope)
+    except IngestError as exc:
+        headers["X-Jitsu-Error"] = exc.message
+    destination = request.query.get("destination_url", "")
+    if "X-Jitsu-Error" not in headers and cookies.valid_destination(
+        destination, request.host or ""
+    ):
+        response = web.Response(status=302, headers={**headers, hdrs.LOCATION: destination})
+    else:
+        response = web.Response(body=cookies.GIF, headers=headers, content_type="image/gif")
+    for line in set_cookies:
+        response.headers.add(hdrs.SET_COOKIE, line)
+    return response
+
+
+async def visitor_id(request: web.Request) -> web.Response:
+    """The ITP id endpoint (jitsu-js `idEndpoint`): set __eventn_id and an HttpOnly
+    __eventn_id_srvr from the site's own server, so Safari keeps the visitor id past 7 days
+    (research notes §4.4)."""
+    state = request.app[APP_STATE]
+    jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
+    domain = _cookie_domain(request, state, request.query)
+    secure = _is_https(request, state)
+    response = web.Response(
+        text="OK", headers={hdrs.CACHE_CONTROL: "must-revalidate,no-cache,no-store"}
+    )
+    visitor = jar.get("__eventn_id_srvr") or jar.get("__eventn_id") or str(uuid.uuid4())
+    pairs = [("__eventn_id", visitor)]
+    user = jar.get("__eventn_uid_srvr") or jar.get("__eventn_uid")
+    if user:
+        pairs.append(("__eventn_uid", user))
+    for name, value in pairs:
+        response.headers.add(
+            hdrs.SET_COOKIE, cookies.set_cookie(name, value, domain, secure=secure)
+        )
+        response.headers.add(
+            hdrs.SET_COOKIE,
+            cookies.set_cookie(f"{name}_srvr", value, domain, secure=secure, http_only=True),
+        )
+    return response
+
+
+def _cookie_domain(request: web.Request, state: AppState, query: Any) -> str:
+    """privacy.cookie_domain, else a requested domain the host lies within, else the host's
+    registrable domain."""
+    host = request.host or ""
+    if state.config.privacy.cookie_domain:
+        return state.config.privacy.cookie_domain
+    asked = (query.get("cookie_domain") or query.get("domain") or "").strip().lstrip(".")
+    if asked and cookies.host_within(host, asked):
+        return asked
+    return cookies.registrable_domain(host)
+
+
+def _is_https(request: web.Request, state: AppState) -> bool:
+    if request.secure:
+        return True
+    peer = request.remote or ""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https" and is_trusted(peer, state.trusted_proxies)
+
+
+async def serve_script(request: web.Request) -> web.Response:
+    """GET/HEAD /p.js (and routes.script_paths): the cached, rewritten tracking script."""
+    state = request.app[APP_STATE]
+    assert state.script is not None
+    variant = await state.script.get()
+    headers = {
+        hdrs.CACHE_CONTROL: state.config.script.cache_control,
+        hdrs.ETAG: variant.etag,
+        hdrs.VARY: "Accept-Encoding",
+    }
+    if etag_matches(request.headers.get(hdrs.IF_NONE_MATCH, ""), variant.etag):
+        return web.Response(status=304, headers=headers)
+    body = variant.body
+    if "gzip" in request.headers.get(hdrs.ACCEPT_ENCODING, "").lower():
+        body = variant.gzipped
+        headers[hdrs.CONTENT_ENCODING] = "gzip"
+    return web.Response(
+        body=body, headers=headers, content_type="application/javascript", charset="utf-8"
+    )
+
+
+def public_routes(
+    config: Config,
+) -> tuple[list[str], list[str], list[tuple[str, bool]], list[str]]:
+    """(script paths, batch paths, (event path, s2s), pixel paths) this proxy serves, aliases
+    included."""
+    routes = config.routes
+    scripts = (["/p.js"] if routes.jitsu_paths else []) + list(routes.script_paths)
+    batches = (list(BATCH_PATHS) if routes.jitsu_paths else []) + list(routes.batch_paths)
+    events: list[tuple[str, bool]] = []
+    prefixes = (["/api/s"] if routes.jitsu_paths else []) + (
+        [routes.event_prefix] if routes.event_prefix else []
+    )
+    for prefix in prefixes:
+        events += [(f"{prefix}/s2s/{{type}}", True), (f"{prefix}/{{type}}", False)]
+    pixels = (["/api/px/{type}"] if routes.jitsu_paths else []) + (
+        [f"{routes.event_prefix}/px/{{type}}"] if routes.event_prefix else []
+    )
+    return scripts, batches, events, pixels
+
+
+def add_routes(app: web.Application, config: Config) -> frozenset[str]:
+    """Register every route; returns the canonical names of the public (CORS) routes."""
+    scripts, batches, events, pixels = public_routes(config)
     # Batch first: /api/s/s2s/{type} would otherwise swallow /api/s/s2s/batch.
-    for path in BATCH_PATHS:
+    for path in batches:
         app.router.add_route("POST", path, ingest_batch)
         app.router.add_route("OPTIONS", path, preflight)
-    for path in SINGLE_PATHS:
-        app.router.add_route("POST", path, ingest_single)
+    for path, s2s in events:
+        app.router.add_route("POST", path, functools.partial(ingest_single, s2s=s2s))
+        app.router.add_route("OPTIONS", path, preflight)
+    for path in scripts:
+        app.router.add_get(path, serve_script)
+        app.router.add_route("OPTIONS", path, preflight)
+    for path in pixels:
+        app.router.add_get(path, pixel)
+        app.router.add_route("OPTIONS", path, preflight)
+    id_paths = [config.routes.id_path] if config.routes.id_path else []
+    for path in id_paths:
+        app.router.add_get(path, visitor_id)
         app.router.add_route("OPTIONS", path, preflight)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    return frozenset([*scripts, *batches, *(path for path, _ in events), *pixels, *id_paths])

@@ -14,7 +14,7 @@ from proxy.config import Config
 from proxy.envelope import Envelope
 
 CHUNK = 500
-COLUMNS = "seq, key_id, path, headers, body, events"
+COLUMNS = "seq, key_id, path, headers, body, events, {method}"
 # Give up after this many damaged windows in a row with no end in sight.
 MAX_FAILED_WINDOWS = 10_000
 
@@ -27,8 +27,11 @@ def read_rows(source: Path) -> tuple[list[Envelope], int]:
     try:
         conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         high = _last_seq(conn)
+        names = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
     except sqlite3.Error:
         return [], 0
+    # Schema v1 had no method column: every row then was a POST.
+    columns = COLUMNS.format(method="method" if "method" in names else "'POST'")
     good: list[Envelope] = []
     bad = 0
     cursor = 0
@@ -37,7 +40,7 @@ def read_rows(source: Path) -> tuple[list[Envelope], int]:
         while failed_windows < MAX_FAILED_WINDOWS:
             try:
                 rows = conn.execute(
-                    f"SELECT {COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                    f"SELECT {columns} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                     (cursor, CHUNK),
                 ).fetchall()
             except sqlite3.Error:
@@ -45,7 +48,7 @@ def read_rows(source: Path) -> tuple[list[Envelope], int]:
                 for seq in range(cursor + 1, cursor + CHUNK + 1):
                     try:
                         row = conn.execute(
-                            f"SELECT {COLUMNS} FROM events WHERE seq = ?", (seq,)
+                            f"SELECT {columns} FROM events WHERE seq = ?", (seq,)
                         ).fetchone()
                     except sqlite3.Error:
                         bad += 1
@@ -83,9 +86,11 @@ def _last_seq(conn: sqlite3.Connection) -> int | None:
 
 def _keep(row: tuple[Any, ...], out: list[Envelope]) -> int:
     """Append a decoded row; 1 if it could not be decoded."""
-    _seq, key_id, path, headers, body, events = row
+    _seq, key_id, path, headers, body, events, method = row
     try:
-        out.append(Envelope(path, json.loads(headers), bytes(body), int(events), key_id))
+        out.append(
+            Envelope(path, json.loads(headers), bytes(body), int(events), key_id, str(method))
+        )
     except (TypeError, ValueError):
         return 1
     return 0

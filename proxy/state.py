@@ -15,6 +15,7 @@ from proxy.ratelimit import TokenBuckets
 if TYPE_CHECKING:
     from proxy.buffer import Buffer
     from proxy.forwarder import Forwarder
+    from proxy.script import ScriptCache
 
 
 @dataclasses.dataclass
@@ -26,6 +27,9 @@ class AppState:
     ip_limits: TokenBuckets
     key_limits: TokenBuckets
     forwarder: Forwarder | None = None
+    script: ScriptCache | None = None
+    # Canonical names of the public routes (ingest and script): CORS and request metrics.
+    public_routes: frozenset[str] = frozenset()
     draining: bool = False
 
 

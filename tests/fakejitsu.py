@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ class Received:
     def json(self) -> Any:
         return json.loads(self.body)
 
-    @property
+    @functools.cached_property
     def message_ids(self) -> list[str]:
         payload = self.json()
         if isinstance(payload, dict) and isinstance(payload.get("batch"), list):
@@ -41,17 +42,56 @@ class Answer:
     body: Any = dataclasses.field(default_factory=lambda: {"ok": True})
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     delay_s: float = 0.0
+    # Read the whole body, then drop the connection without an answer. The request is recorded
+    # with `status`: 0 when upstream did not take it, 200 when it did and only the ack was lost.
+    reset: bool = False
+    # Answer only once the test sets this event.
+    hold: asyncio.Event | None = None
+
+
+def reset() -> Answer:
+    """Ambiguous for the sender, and upstream did not keep the request."""
+    return Answer(0, reset=True)
+
+
+def lost_ack() -> Answer:
+    """Upstream kept the request (it counts as delivered), but its 200 never arrived."""
+    return Answer(200, reset=True)
+
+
+# Given the request, an Answer to fail it with, or None to answer normally.
+Fault = Callable[[Received], Answer | None]
+
+
+# Stands in for jitsu-js's p.js: what matters is the hard-coded event path.
+SCRIPT = (
+    b"(function(){var host=new URL(document.currentScript.src).origin;"
+    b"function url(m,s2s){return s2s?host+'/api/s/s2s/'+m:host+'/api/s/'+m}"
+    b"window.__jitsuTest={url:url};})();\n"
+)
 
 
 class FakeJitsu:
-    """`script` answers the next requests in order; `reject` answers 400 for chosen messageIds;
-    `hang` never answers. Everything else gets 200 {"ok": true}."""
+    """`script` answers the next requests in order; `fault` may then fail any request;
+    `reject` answers 400 for chosen messageIds; `hang` never answers. Everything else gets
+    200 {"ok": true}. A request whose sender went away before the answer (hang, timeout, kill)
+    is recorded with status 0: it was not delivered."""
 
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.script: collections.deque[Answer] = collections.deque()
+        self.fault: Fault | None = None
         self.reject: set[str] = set()
         self.hang = False
+        # messageIds of every 2xx-recorded request, kept as they arrive (cheap to wait on).
+        self.delivered_set: set[str] = set()
+        # Every request as soon as its body is read, answered or not yet.
+        self.arrived: list[Received] = []
+        # GET /p.js: what it serves, how often it was asked, and whether it fails.
+        self.script_body = SCRIPT
+        self.script_version = 1
+        self.script_fetches = 0
+        self.script_status = 200
         self.port = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -64,6 +104,8 @@ class FakeJitsu:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        # The tracking script lives apart from the events: fetching it is not an event.
+        app.router.add_get("/p.js", self._serve_script)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5
@@ -80,6 +122,23 @@ class FakeJitsu:
             await self._runner.cleanup()
             self._runner = None
 
+    async def _serve_script(self, request: web.Request) -> web.StreamResponse:
+        self.script_fetches += 1
+        if self.script_status != 200:
+            return web.Response(status=self.script_status, text="script unavailable")
+        etag = f'"v{self.script_version}"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(
+            body=self.script_body,
+            headers={"ETag": etag, "Cache-Control": "public, max-age=120"},
+            content_type="application/javascript",
+        )
+
+    def set_script(self, body: bytes) -> None:
+        self.script_body = body
+        self.script_version += 1
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -93,22 +152,55 @@ class FakeJitsu:
                 body,
                 time.monotonic(),
             )
+            if request.content_length is not None and len(body) < request.content_length:
+                # Cut off mid-body (say, by our own stop()): nothing upstream could take.
+                await self._record(rec, 0)
+                return web.Response(status=499)
             answer = self._choose(rec)
-            if self.hang:
-                await asyncio.sleep(3600)
-            if answer.delay_s:
-                await asyncio.sleep(answer.delay_s)
-            rec.status = answer.status
             async with self._changed:
-                self.received.append(rec)
+                self.arrived.append(rec)
                 self._changed.notify_all()
+            try:
+                while self.hang and _connected(request):
+                    await asyncio.sleep(0.02)
+                if answer.delay_s:
+                    await asyncio.sleep(answer.delay_s)
+                if answer.hold is not None:
+                    await answer.hold.wait()
+            except asyncio.CancelledError:
+                await self._record(rec, 0)
+                raise
+            if not _connected(request):
+                # The sender gave up (timeout, kill -9) before hearing anything.
+                await self._record(rec, 0)
+                return web.Response(status=499)
+            await self._record(rec, answer.status)
+            if answer.reset:
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response(status=499)
             return web.json_response(answer.body, status=answer.status, headers=answer.headers)
         finally:
             self.in_flight -= 1
 
+    async def _record(self, rec: Received, status: int) -> None:
+        rec.status = status
+        if 200 <= status < 300:
+            try:
+                self.delivered_set.update(rec.message_ids)
+            except (ValueError, AttributeError):
+                pass
+        async with self._changed:
+            self.received.append(rec)
+            self._changed.notify_all()
+
     def _choose(self, rec: Received) -> Answer:
         if self.script:
             return self.script.popleft()
+        if self.fault is not None:
+            answer = self.fault(rec)
+            if answer is not None:
+                return answer
         if self.reject:
             try:
                 ids = set(rec.message_ids)
@@ -135,3 +227,8 @@ class FakeJitsu:
     async def wait_delivered(self, count: int, timeout: float = 10) -> list[Received]:
         await self.wait_for(lambda f: len(f.delivered) >= count, timeout)
         return self.delivered
+
+
+def _connected(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()

@@ -74,14 +74,15 @@ async def test_group_commit_puts_concurrent_appends_in_few_transactions(tmp_path
 
 
 async def test_full_buffer_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
-    buf = Buffer(tmp_path, 1_200)  # rows of 127 bytes: 9 fit, above the 90 % low-water mark
+    # Rows count 127 body + 12 path bytes: 9 fit, above the 90 % low-water mark.
+    buf = Buffer(tmp_path, 1_300)
     await buf.open()
     for i in range(9):
         await buf.append([envelope(i)])
     with pytest.raises(BufferFullError) as info:
         await buf.append([envelope(9)])
     assert info.value.retry_after_s > 0
-    assert (buf.rows, buf.bytes) == (9, 9 * 127)
+    assert (buf.rows, buf.bytes) == (9, 9 * 139)
     assert not buf.writable
     # Room comes back once the backlog drains below the low-water mark.
     await buf.delete(1)
@@ -150,3 +151,33 @@ async def test_proxy_answers_503_when_the_disk_is_nearly_full(
     assert ready.status == 503
     assert (await ready.json())["buffer"]["writable"] is False
     assert upstream.received == []
+
+
+V1_SCHEMA = """
+CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL,
+  key_id TEXT NOT NULL, path TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+  size INTEGER NOT NULL, events INTEGER NOT NULL);
+CREATE TABLE dead_letter (seq INTEGER PRIMARY KEY, received_at REAL NOT NULL,
+  key_id TEXT NOT NULL, path TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+  size INTEGER NOT NULL, events INTEGER NOT NULL, failed_at REAL NOT NULL, status INTEGER,
+  reason TEXT NOT NULL, attempts INTEGER NOT NULL);
+PRAGMA application_id = 1247040341;
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_version_1_buffer_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute(
+            "INSERT INTO events (received_at, key_id, path, headers, body, size, events)"
+            " VALUES (1, 'k', '/api/s/track', '{}', X'7B7D', 2, 1)"
+        )
+    buf = Buffer(tmp_path, 1_000_000)
+    await buf.open()
+    assert buf.quarantined == []
+    (row,) = await buf.fetch(0, 10)
+    assert (row.path, row.body, row.method) == ("/api/s/track", b"{}", "POST")
+    await buf.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)

@@ -1,0 +1,186 @@
+"""The first-party tracking script (`/p.js`): fetched from upstream, cached in memory and on
+disk, rewritten to the proxy's own event paths, served with ETag / 304 / gzip.
+
+jitsu-js sends events to the origin it was loaded from (research notes §4.1), so serving the
+script from the proxy is what makes a page's events come back here with no other setup.
+When the origin cannot be reached the last good copy keeps being served (stale-on-error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from proxy.errors import ProxyError
+
+log = structlog.get_logger("proxy.script")
+
+JITSU_EVENT_PATH = b"/api/s/"
+
+
+class ScriptUnavailableError(ProxyError):
+    """No copy of the script has ever been fetched (cold start with upstream unreachable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The script as served: rewritten body, its gzip form, and an ETag of these bytes."""
+
+    body: bytes
+    gzipped: bytes
+    etag: str
+
+
+def rewrite(raw: bytes, event_prefix: str) -> bytes:
+    """Point the script's hard-coded `/api/s/` at the proxy's own event prefix."""
+    if not event_prefix or event_prefix.rstrip("/") == "/api/s":
+        return raw
+    return raw.replace(JITSU_EVENT_PATH, event_prefix.rstrip("/").encode() + b"/")
+
+
+def make_variant(raw: bytes, event_prefix: str) -> Variant:
+    body = rewrite(raw, event_prefix)
+    # The ETag names the bytes we serve, so it changes with the rewrite, not only upstream's.
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return Variant(body=body, gzipped=gzip.compress(body, compresslevel=6, mtime=0), etag=etag)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+class ScriptCache:
+    def __init__(
+        self,
+        origin: str,
+        cache_dir: Path,
+        event_prefix: str,
+        refresh_s: float,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.origin = origin
+        self.cache_dir = cache_dir
+        self.event_prefix = event_prefix
+        self.refresh_s = refresh_s
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.variant: Variant | None = None
+        self.fetched_at = 0.0
+        self.last_error: str | None = None
+        self._origin_etag: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Set once the first fetch has ended, well or not: a cold start waits for it, no more.
+        self._attempted = asyncio.Event()
+
+    @property
+    def _file(self) -> Path:
+        return self.cache_dir / "p.js"
+
+    @property
+    def _meta(self) -> Path:
+        return self.cache_dir / "p.js.json"
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._load_disk_copy()
+        self._task = asyncio.create_task(self._refresh_loop(), name="script-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def get(self, wait_s: float = 5.0) -> Variant:
+        """The current variant; on a cold start, wait (a little) for the first fetch."""
+        if self.variant is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._attempted.wait()
+        if self.variant is None:
+            raise ScriptUnavailableError(
+                "tracking script not available yet: "
+                + (self.last_error or "first fetch still running")
+            )
+        return self.variant
+
+    def _load_disk_copy(self) -> None:
+        try:
+            raw = self._file.read_bytes()
+            meta = json.loads(self._meta.read_text())
+        except (OSError, ValueError):
+            return
+        self._origin_etag = meta.get("etag")
+        self._install(raw)
+        log.info("script_loaded_from_disk", bytes=len(raw))
+
+    def _install(self, raw: bytes) -> None:
+        self.variant = make_variant(raw, self.event_prefix)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            finally:
+                self._attempted.set()
+            delay = self.refresh_s if self.last_error is None else min(self.refresh_s, 5.0)
+            await asyncio.sleep(delay)
+
+    async def refresh(self) -> None:
+        assert self._session is not None
+        headers = {}
+        if self._origin_etag and self.variant is not None:
+            headers["If-None-Match"] = self._origin_etag
+        try:
+            async with self._session.get(
+                self.origin, headers=headers, timeout=self.timeout
+            ) as resp:
+                if resp.status == 304:
+                    self.fetched_at = time.time()
+                    self.last_error = None
+                    return
+                if resp.status != 200:
+                    raise _FetchError(f"script origin answered {resp.status}")
+                raw = await resp.read()
+                if not raw.strip():
+                    raise _FetchError("script origin answered an empty body")
+                etag = resp.headers.get("ETag")
+        except (aiohttp.ClientError, TimeoutError, _FetchError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning(
+                "script_fetch_failed", error=self.last_error, serving_stale=self.variant is not None
+            )
+            return
+        self._origin_etag = etag
+        self.fetched_at = time.time()
+        self.last_error = None
+        self._install(raw)
+        self._save(raw, etag)
+        log.info("script_fetched", bytes=len(raw))
+
+    def _save(self, raw: bytes, etag: str | None) -> None:
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._file.with_suffix(".tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, self._file)
+            self._meta.write_text(json.dumps({"etag": etag, "fetched_at": self.fetched_at}))
+        except OSError as exc:
+            log.warning("script_cache_write_failed", error=str(exc))
+
+
+class _FetchError(Exception):
+    pass

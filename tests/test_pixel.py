@@ -1,0 +1,165 @@
+"""The tracking pixel and the ITP visitor-id endpoint, answered at the edge."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy import cookies
+from tests.fakejitsu import FakeJitsu
+
+KEY = "pxKeyId:pxSecret"
+
+
+def data(event: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(event).encode()).decode()
+
+
+async def test_pixel_answers_the_gif_and_forwards_the_event(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    resp = await proxy.get(
+        "/api/px/track",
+        params={
+            "writekey": KEY,
+            "data": data({"event": "opened", "messageId": "px1"}),
+            "properties.campaign": "spring",
+        },
+        headers={
+            "Cookie": "__eventn_id=anon-1; session=private; __group_id=g1; other=x",
+            "Referer": "https://shop.example/mail",
+        },
+    )
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "image/gif"
+    assert await resp.read() == cookies.GIF and len(cookies.GIF) == 43
+    assert resp.headers["Cache-Control"] == "no-cache, no-store, must-revalidate"
+    assert "X-Jitsu-Error" not in resp.headers
+    (got,) = await upstream.wait_delivered(1)
+    assert got.method == "GET" and got.path == "/api/px/track"
+    assert "writekey" not in got.query
+    assert got.query["properties.campaign"] == "spring"
+    assert got.headers["X-Write-Key"] == KEY
+    assert got.headers["Cookie"] == "__eventn_id=anon-1; __group_id=g1"
+    assert got.headers["Referer"] == "https://shop.example/mail"
+
+
+async def test_pixel_sets_the_visitor_cookie_on_the_sites_domain(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    resp = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "process_headers": "true"},
+        headers={"Host": "data.shop.example.co.uk"},
+    )
+    set_cookie = resp.headers["Set-Cookie"]
+    assert set_cookie.startswith("__eventn_id=")
+    assert "Domain=example.co.uk" in set_cookie
+    visitor = set_cookie.split(";")[0].split("=", 1)[1]
+    (got,) = await upstream.wait_delivered(1)
+    assert got.headers["Cookie"] == f"__eventn_id={visitor}"
+    assert got.query["messageId"]
+    # With the cookie present, no new one is set.
+    again = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "process_headers": "1"},
+        headers={"Cookie": f"__eventn_id={visitor}"},
+    )
+    assert "Set-Cookie" not in again.headers
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({"writekey": KEY, "data": "%%%"}, "error parsing message"),
+        ({"writekey": KEY}, "'event' property is required"),
+    ],
+)
+async def test_pixel_errors_ride_in_a_header_and_nothing_is_forwarded(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, params: dict[str, str], error: str
+) -> None:
+    resp = await proxy.get("/api/px/track", params=params)
+    assert resp.status == 200 and await resp.read() == cookies.GIF
+    assert error in resp.headers["X-Jitsu-Error"]
+    assert upstream.received == []
+
+
+async def test_pixel_redirects_to_a_valid_destination(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    ok = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "destination_url": "https://shop.example/landing"},
+        allow_redirects=False,
+    )
+    assert ok.status == 302 and ok.headers["Location"] == "https://shop.example/landing"
+    bad = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "destination_url": "http://1.2.3.4/x"},
+        allow_redirects=False,
+    )
+    assert bad.status == 200
+    await upstream.wait_delivered(2)
+
+
+async def test_id_endpoint_sets_first_party_cookies(proxy: TestClient[Any, Any]) -> None:
+    resp = await proxy.get(
+        "/api/id", params={"domain": "shop.example"}, headers={"Host": "www.shop.example"}
+    )
+    assert resp.status == 200 and await resp.text() == "OK"
+    assert resp.headers["Cache-Control"] == "must-revalidate,no-cache,no-store"
+    lines = resp.headers.getall("Set-Cookie")
+    assert len(lines) == 2
+    plain, server = lines
+    assert plain.startswith("__eventn_id=") and "HttpOnly" not in plain
+    assert server.startswith("__eventn_id_srvr=") and "HttpOnly" in server
+    assert plain.split(";")[0].split("=")[1] == server.split(";")[0].split("=")[1]
+    for line in lines:
+        assert "Domain=shop.example" in line and "Max-Age=157680000" in line
+        assert "SameSite=Lax" in line, "plain http: no Secure, so no SameSite=None"
+
+
+async def test_id_endpoint_keeps_the_known_visitor_and_user(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    proxy = await make_proxy(server={"trusted_proxies": ["127.0.0.0/8"]})
+    resp = await proxy.get(
+        "/api/id",
+        params={"domain": "evil.example"},  # not a parent of the host: ignored
+        headers={
+            "Host": "shop.example",
+            "X-Forwarded-Proto": "https",
+            "Cookie": "__eventn_id_srvr=known-visitor; __eventn_uid=user-7",
+            "Origin": "https://shop.example",
+        },
+    )
+    lines = resp.headers.getall("Set-Cookie")
+    assert [line.split(";")[0] for line in lines] == [
+        "__eventn_id=known-visitor",
+        "__eventn_id_srvr=known-visitor",
+        "__eventn_uid=user-7",
+        "__eventn_uid_srvr=user-7",
+    ]
+    for line in lines:
+        assert "Domain=shop.example" in line
+        assert "SameSite=None; Secure" in line
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("www.shop.example.com", "example.com"),
+        ("a.b.example.co.uk", "example.co.uk"),
+        ("example.com:8080", "example.com"),
+        ("localhost", "localhost"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+    ],
+)
+def test_registrable_domain(host: str, expected: str) -> None:
+    assert cookies.registrable_domain(host) == expected
