@@ -127,6 +127,8 @@ def server_options(config: Config) -> dict[str, Any]:
         "auto_decompress": False,
         # aiohttp arms this at connection start too: it bounds slow headers as well as idling.
         "keepalive_timeout": config.server.idle_timeout_s,
+        # After a 408 aiohttp would go on reading the slow body for 10 s; let it go sooner.
+        "lingering_time": min(2.0, config.server.body_timeout_s),
         "max_headers": config.server.max_headers,
         "max_line_size": config.server.max_header_bytes,
         "max_field_size": config.server.max_header_bytes,

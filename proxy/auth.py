@@ -77,6 +77,15 @@ def decode_basic(header: str) -> str:
     return text.strip()
 
 
+def _checked(value: str, source: KeySource) -> WriteKey:
+    # A control character would be refused by aiohttp as a header later, after we said 200.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise IngestError(
+            "error processing message: write key contains control characters", status=400
+        )
+    return WriteKey(value, source)
+
+
 def find_write_key(
     headers: Mapping[str, str],
     query: Mapping[str, str],
@@ -88,15 +97,15 @@ def find_write_key(
     if authorization.strip():
         value = decode_basic(authorization)
         # Present means it wins, even when it holds an empty key (Jitsu then finds no stream).
-        return WriteKey(value, KeySource.AUTHORIZATION) if value else None
+        return _checked(value, KeySource.AUTHORIZATION) if value else None
     header_key = headers.get("X-Write-Key", "").strip()
     if header_key:
-        return WriteKey(header_key, KeySource.HEADER)
+        return _checked(header_key, KeySource.HEADER)
     query_key = query.get("writekey", "").strip()
     if query_key:
-        return WriteKey(query_key, KeySource.QUERY)
+        return _checked(query_key, KeySource.QUERY)
     if isinstance(body_key, str) and body_key.strip():
-        return WriteKey(body_key.strip(), KeySource.BODY)
+        return _checked(body_key.strip(), KeySource.BODY)
     return None
 
 

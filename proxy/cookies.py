@@ -98,6 +98,8 @@ def truthy(value: str | None) -> bool:
 def valid_destination(url: str, request_host: str) -> bool:
     """Jitsu's rules for the pixel's redirect: https, default port, a name (not an IP), and
     not the pixel's own host (no redirect loops)."""
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return False  # CR/LF/NUL or spaces would end up in the Location header
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -107,3 +109,8 @@ def valid_destination(url: str, request_host: str) -> bool:
     if parts.scheme != "https" or not host or port not in (None, 443) or _is_ip(host):
         return False
     return host != request_host.lower().rsplit(":", 1)[0]
+
+
+def header_safe(text: str) -> str:
+    """Printable ASCII for a response header value (errors quote client input)."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in text)

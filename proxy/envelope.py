@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import uuid
 import zlib
 from collections.abc import Mapping
@@ -105,9 +106,22 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             return b"".join(parts)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
 def _parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
+    accept we must be able to forward as JSON."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -115,7 +129,12 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate from a \ud800 escape has no UTF-8 form; escaped, it stays JSON.
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def resolve_type(path_type: str) -> str:
@@ -140,7 +159,7 @@ def _validate_event(
         if not isinstance(name, str):
             raise IngestError("event error: 'event' property must be a string")
         # Go's len() counts bytes, and Jitsu checks with it.
-        size = len(name.encode("utf-8"))
+        size = len(name.encode("utf-8", "surrogatepass"))
         if size > MAX_EVENT_NAME:
             raise IngestError(
                 f"event error: 'event' property is too long: {size} > {MAX_EVENT_NAME}"

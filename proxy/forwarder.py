@@ -303,9 +303,13 @@ class Forwarder:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 jitsu_error = resp.headers.get("X-Jitsu-Error")
         except _HandBack as hb:
-            return Attempt(
-                Outcome.RETRY, hb.status, f"upstream answered {hb.status}", hb.retry_after_s
-            )
+            reason = f"upstream answered {hb.status}" if hb.status else "transport error"
+            return Attempt(Outcome.RETRY, hb.status, reason, hb.retry_after_s, sent=hb.sent)
+        except (aiohttp.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+            # The stored request itself cannot be sent (a header or URL aiohttp refuses):
+            # retrying cannot help, and it must not sit at the head of the queue for ever.
+            reason = redact(f"request cannot be sent: {type(exc).__name__}: {exc}", key)
+            return Attempt(Outcome.REJECTED, None, reason)
         except (TimeoutError, aiohttp.ClientError) as exc:
             reason = redact(f"transport error: {type(exc).__name__}: {exc}", key)
             return Attempt(Outcome.RETRY, None, reason)

@@ -323,7 +323,7 @@ async def pixel(request: web.Request) -> web.Response:
         )
         await _commit(request, state, envelope)
     except IngestError as exc:
-        headers["X-Jitsu-Error"] = exc.message
+        headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
     destination = request.query.get("destination_url", "")
     if "X-Jitsu-Error" not in headers and cookies.valid_destination(
         destination, request.host or ""
