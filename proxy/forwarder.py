@@ -115,6 +115,7 @@ class Forwarder:
         self.next_probe_at = 0.0
         self.probe_seq: int | None = None
         self.cursor = 0
+        self._rewinds = 0
         # Rows handed to a task and not yet settled in the buffer; `sending` of them are
         # waiting on upstream, and only those count against the concurrency.
         self.inflight: dict[int, asyncio.Task[None]] = {}
@@ -192,7 +193,12 @@ class Forwarder:
             await self._slot_freed.wait()
             return
         self.buffer.new_data.clear()
+        rewinds = self._rewinds
         rows = await self.buffer.fetch(self.cursor, free + len(self.inflight))
+        if self._rewinds != rewinds:
+            # A row failed while we read: the cursor went back for it, and moving it forward
+            # past these rows would skip that row until the next restart. Read again.
+            return
         rows = [r for r in rows if r.seq not in self.inflight][:free]
         if not rows:
             self._slot_freed.clear()
@@ -261,15 +267,19 @@ class Forwarder:
         except BufferError_ as exc:
             # Upstream may have it, our bookkeeping failed: it will be sent again (at least once).
             log.error("forwarder_bookkeeping_failed", seq=row.seq, error=str(exc))
-            self.cursor = 0
+            self._rewind()
         finally:
             self.inflight.pop(row.seq, None)
             if self.probe_seq == row.seq:
                 self.probe_seq = None
             self._slot_freed.set()
 
+    def _rewind(self) -> None:
+        self.cursor = 0
+        self._rewinds += 1
+
     def _failed(self, row: Row, attempt: Attempt) -> None:
-        self.cursor = 0  # resend from the oldest row once upstream is back
+        self._rewind()  # resend from the oldest row once upstream is back
         if not attempt.sent:
             return  # handed back before it was sent: nothing new was learnt about upstream
         self.failing = True

@@ -188,7 +188,7 @@ class FakeJitsu:
         if 200 <= status < 300:
             try:
                 self.delivered_set.update(rec.message_ids)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, TypeError):  # not JSON, or odd messageIds
                 pass
         async with self._changed:
             self.received.append(rec)
@@ -204,7 +204,7 @@ class FakeJitsu:
         if self.reject:
             try:
                 ids = set(rec.message_ids)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, TypeError):
                 ids = set()
             if ids & self.reject:
                 return Answer(400, {"error": "event error: rejected by test"})

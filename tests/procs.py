@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,71 @@ class ProxyProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    async def terminate_async(self, timeout: float = 30) -> int:
+        """SIGTERM and wait for the exit without blocking the loop, so that a fake upstream
+        served by this loop keeps answering the proxy's last forwards."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, timeout)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def buffer_db(self) -> Path:
+        return self.workdir / "buffer" / "buffer.db"
+
+    def rss_bytes(self) -> int | None:
+        """Resident set size from /proc/<pid>/status (VmRSS), None once the process is gone."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    async def readyz(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
+        """The /readyz body (it carries the buffer and upstream state), None if unreachable."""
+        try:
+            async with session.get(f"{self.url}/readyz") as resp:
+                body: dict[str, Any] = await resp.json()
+                return body
+        except (aiohttp.ClientError, ValueError):
+            return None
+
+    async def wait_state(
+        self,
+        session: aiohttp.ClientSession,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 30,
+        what: str = "state",
+    ) -> dict[str, Any]:
+        """Poll /readyz until `predicate(body)` holds: proxy state has no event to wait on."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            assert self.proc is not None and self.proc.poll() is None, self.log_text()[-4000:]
+            state = await self.readyz(session)
+            if state is not None and predicate(state):
+                return state
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"proxy not in {what} within {timeout} s: {state}")
+            await asyncio.sleep(0.05)
+
+    async def wait_upstream_failing(
+        self, session: aiohttp.ClientSession, failures: int = 3, timeout: float = 30
+    ) -> None:
+        """Until the forwarder has seen `failures` consecutive failed attempts."""
+        await self.wait_state(
+            session,
+            lambda s: s.get("upstream", {}).get("consecutive_failures", 0) >= failures,
+            timeout,
+            f"{failures} consecutive upstream failures",
+        )
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -102,3 +168,7 @@ class ProxyProcess:
             except ValueError:
                 out.append({"event": "unparsed", "line": line})
         return out
+
+
+# A fixture that builds a ProxyProcess for the running test, config overrides as keywords.
+Spawn = Callable[..., ProxyProcess]

@@ -1,0 +1,85 @@
+"""kill -9 at random moments, while clients send and while the forwarder is mid-request: every
+2xx'd event reaches upstream after the restarts, and every resend carries the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import pytest
+
+from tests.fakejitsu import Answer, FakeJitsu, Received, lost_ack
+from tests.faults.invariants import Ledger, Load, drain_and_check
+from tests.procs import ProxyProcess, Spawn
+
+pytestmark = pytest.mark.slow
+
+KILLS = 10
+
+
+async def kill_and_restart(proxy: ProxyProcess) -> None:
+    proxy.kill()
+    assert proxy.proc is not None and proxy.proc.returncode == -9
+    proxy.start()
+    await proxy.wait_ready()
+
+
+@pytest.mark.timeout(150)
+async def test_kill_9_during_ingest(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, rng: random.Random, seed: str
+) -> None:
+    """Four clients send without pause; the proxy dies at a random moment every 0.1-1 s. A
+    request cut off by the kill is not counted as accepted (it may still be delivered: it was
+    committed, only the answer was lost)."""
+    proxy = spawn()
+    proxy.start()
+    await proxy.wait_ready()
+    ledger = Ledger()
+    clients = Load(
+        session, proxy.url, ledger, rng, "k9i", clients=4, max_events=200_000, pause_s=0.005
+    )
+    task = clients.start()
+    for _ in range(KILLS):
+        await asyncio.sleep(rng.uniform(0.1, 1.0))  # the moment of the crash is the variable
+        await kill_and_restart(proxy)
+    await upstream.wait_for(lambda f: len(f.delivered) >= 20)
+    clients.stop.set()
+    await task
+    assert ledger.failed > 0, "no request was cut off: the kills missed the ingest"
+    await drain_and_check("kill -9 during ingest", proxy, upstream, session, ledger, seed=seed)
+
+
+@pytest.mark.timeout(150)
+async def test_kill_9_during_forwarding(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, rng: random.Random, seed: str
+) -> None:
+    """A backlog drains to a slow upstream that sometimes loses its 200; the proxy dies while a
+    forward is in flight, ten times, and a client keeps sending throughout."""
+    await upstream.stop()
+    proxy = spawn(upstream={"concurrency": 4})
+    proxy.start()
+    await proxy.wait_ready()
+    ledger = Ledger()
+    await Load(session, proxy.url, ledger, rng, "k9f", max_events=4000, max_batch=10).run()
+    assert len(ledger.accepted) == 4000
+
+    def slow(rec: Received) -> Answer:
+        return lost_ack() if rng.random() < 0.1 else Answer(delay_s=rng.uniform(0.05, 0.3))
+
+    upstream.fault = slow
+    await upstream.start()
+    trickle = Load(
+        session, proxy.url, ledger, rng, "k9t", clients=1, max_events=100_000, pause_s=0.05
+    )
+    task = trickle.start()
+    for _ in range(KILLS):
+        await upstream.wait_for(lambda f: f.in_flight >= 1, timeout=10)
+        await asyncio.sleep(rng.uniform(0, 0.25))
+        await kill_and_restart(proxy)
+    trickle.stop.set()
+    await task
+    summary = await drain_and_check(
+        "kill -9 during forwarding", proxy, upstream, session, ledger, seed=seed
+    )
+    assert summary.duplicates > 0, "resends expected: the kills hit forwards in flight"
