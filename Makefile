@@ -18,7 +18,11 @@ run: $(STAMP)
 	$(BIN)/python -m proxy --config config.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Long fault scenarios (kill -9 loops, outages, disk full); .ci/run runs them too.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.load
