@@ -13,20 +13,11 @@ from proxy.app import create_app, server_options
 from proxy.config import Config, build_config
 from proxy.logs import configure_logging
 from tests.fakejitsu import FakeJitsu
+from tests.procs import merge
 
 configure_logging("debug", "json")
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def test_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
@@ -39,7 +30,7 @@ def test_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
         },
         "buffer": {"path": str(tmp_path / "buffer"), "min_free_bytes": 0},
     }
-    return build_config(_merge(raw, overrides), environ={})
+    return build_config(merge(raw, overrides), environ={})
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]

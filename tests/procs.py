@@ -25,6 +25,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides laid over a base, section by section, at any depth."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class ProxyProcess:
     def __init__(self, workdir: Path, upstream_url: str, **overrides: Any) -> None:
         self.workdir = workdir
@@ -39,8 +50,7 @@ class ProxyProcess:
             "buffer": {"path": str(workdir / "buffer"), "min_free_bytes": 0},
             "log": {"format": "json", "level": "debug"},
         }
-        for section, values in overrides.items():
-            config.setdefault(section, {}).update(values)
+        config = merge(config, overrides)
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "proxy.log"

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fakejitsu import FakeJitsu
 from tests.faults.invariants import RESULTS, Summary
-from tests.procs import ProxyProcess, Spawn
+from tests.procs import ProxyProcess, Spawn, merge
 
 # One seed for the whole suite; each test draws from its own stream derived from it.
 SEED = os.environ.get("FAULTS_SEED", "20260822")
@@ -26,16 +26,6 @@ FAST: dict[str, Any] = {
     "upstream": {"timeout_s": 1, "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.3}},
     "log": {"format": "json", "level": "info"},
 }
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 @pytest.fixture
