@@ -270,7 +270,12 @@ def forward_path(path: str, query: Mapping[str, str]) -> str:
 
 
 def build_envelope(
-    path: str, headers: dict[str, str], body: bytes, events: int, key: WriteKey | None
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    events: int,
+    key: WriteKey | None,
+    method: str = "POST",
 ) -> Envelope:
     return Envelope(
         path=path,
@@ -278,6 +283,7 @@ def build_envelope(
         body=body,
         events=events,
         key_id=key.key_id if key else "",
+        method=method,
     )
 
 

@@ -8,7 +8,6 @@ answers by the error middleware in `app`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import uuid
@@ -315,11 +314,8 @@ async def pixel(request: web.Request) -> web.Response:
                 cookie_header = "; ".join(filter(None, [cookie_header, f"__eventn_id={visitor}"]))
         if cookie_header:
             forward[hdrs.COOKIE] = cookie_header
-        envelope = dataclasses.replace(
-            env.build_envelope(
-                env.forward_path(f"/api/px/{event_type}", query), forward, b"", 1, key
-            ),
-            method="GET",
+        envelope = env.build_envelope(
+            env.forward_path(f"/api/px/{event_type}", query), forward, b"", 1, key, "GET"
         )
         await _commit(request, state, envelope)
     except IngestError as exc:
