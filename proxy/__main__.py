@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from proxy import __version__, salvage
+from proxy import __version__, deadletters, salvage
 from proxy.app import create_app, server_options
 from proxy.config import load_config
 from proxy.errors import BufferError_, ConfigError
@@ -25,13 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", default=os.environ.get("PROXY_CONFIG"), help="path to config.yaml"
     )
-    salvaging = bool(argv) and argv[0] == "salvage"
-    if salvaging:
-        parser.prog = "proxy salvage"
-        parser.description = salvage.__doc__
+    # Offline tools on a stopped proxy's buffer; without one of these words, serve.
+    command = argv[0] if argv and argv[0] in {"salvage", "dead-letters"} else None
+    if command == "salvage":
+        parser.prog, parser.description = "proxy salvage", salvage.__doc__
         parser.add_argument("file", type=Path, help="a quarantined buffer.db")
-        argv = argv[1:]
-    args = parser.parse_args(argv)
+    elif command == "dead-letters":
+        parser.prog, parser.description = "proxy dead-letters", deadletters.__doc__
+        parser.add_argument("--status", type=int, help="only those upstream answered with this")
+        parser.add_argument(
+            "--replay", action="store_true", help="move them back into the send queue"
+        )
+    args = parser.parse_args(argv[1:] if command else argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -40,13 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging(config.log.level, config.log.format)
     log = structlog.get_logger("proxy")
-    if salvaging:
+    if command is not None:
         try:
-            result = asyncio.run(salvage.salvage(config, args.file))
+            if command == "salvage":
+                log.info("salvage_done", **asyncio.run(salvage.salvage(config, args.file)))
+            elif args.replay:
+                moved = asyncio.run(deadletters.replay(config, args.status))
+                log.info("dead_letters_replayed", rows=moved, status=args.status)
+            else:
+                for row in asyncio.run(deadletters.list_dead_letters(config, args.status)):
+                    print(json.dumps(row), flush=True)
         except BufferError_ as exc:
-            log.error("salvage_failed", error=str(exc))
+            log.error(f"{command.replace('-', '_')}_failed", error=str(exc))
             return 1
-        log.info("salvage_done", **result)
         return 0
     upstream = urlsplit(config.upstream.url)
     log.info(

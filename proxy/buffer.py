@@ -334,6 +334,22 @@ class Buffer:
             )
             conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
             return row
+        if op.kind == "requeue":
+            # Back to the send queue, at its tail, with the exact bytes first stored.
+            where, params = ("WHERE status = ?", (op.args,)) if op.args is not None else ("", ())
+            count, size, events = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0)"
+                f" FROM dead_letter {where}",
+                params,
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO events (received_at, key_id, path, headers, body, size, events,"
+                " method) SELECT received_at, key_id, path, headers, body, size, events, method"
+                f" FROM dead_letter {where} ORDER BY seq",
+                params,
+            )
+            conn.execute(f"DELETE FROM dead_letter {where}", params)
+            return count, size, events
         raise AssertionError(op.kind)
 
     def _commit_group(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
@@ -391,8 +407,8 @@ class Buffer:
         conn = self._conn
         assert conn is not None
         cur = conn.execute(
-            "SELECT seq, key_id, path, body, status, reason, attempts FROM dead_letter"
-            " ORDER BY seq LIMIT ?",
+            "SELECT seq, key_id, path, body, status, reason, attempts, events, failed_at"
+            " FROM dead_letter ORDER BY seq LIMIT ?",
             (limit,),
         )
         return [
@@ -404,8 +420,10 @@ class Buffer:
                 "status": st,
                 "reason": r,
                 "attempts": a,
+                "events": n,
+                "failed_at": f,
             }
-            for s, k, p, b, st, r, a in cur
+            for s, k, p, b, st, r, a, n, f in cur
         ]
 
     # ---- the writer task -------------------------------------------------------------------
@@ -450,6 +468,14 @@ class Buffer:
                     self.bytes += size
                     self.events += sum(e.events for e in op.args)
                     inserted = True
+            elif op.kind == "requeue":
+                if ok:
+                    count, size, events = result
+                    self.rows += count
+                    self.bytes += size
+                    self.events += events
+                    self.dead_rows -= count
+                    inserted = inserted or count > 0
             elif ok and result is not None:
                 self.rows -= 1
                 self.bytes -= result[0]
@@ -536,6 +562,12 @@ class Buffer:
     async def dead_letter(self, seq: int, status: int | None, reason: str, attempts: int) -> None:
         """Upstream refused the row for good: keep it, with why, out of the send queue."""
         await self._submit("dead_letter", (seq, status, reason, attempts))
+
+    async def requeue_dead_letters(self, status: int | None = None) -> int:
+        """Move dead letters (all, or those upstream refused with `status`) back into the send
+        queue, e.g. after fixing a rotated write key. Returns how many rows moved."""
+        count, _size, _events = await self._submit("requeue", status)
+        return int(count)
 
     async def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
         return await self._run(self._dead_letters, limit)
