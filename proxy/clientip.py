@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -13,6 +14,8 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
+# Every request parses its peer (and often the same proxy hops): remember recent answers.
+@functools.lru_cache(maxsize=4096)
 def _parse(value: str) -> Address | None:
     text = value.strip().strip('"')
     if text.startswith("[") and "]" in text:  # [v6]:port

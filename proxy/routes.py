@@ -29,6 +29,9 @@ from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 BATCH_PATHS = ("/v1/batch", "/v1/b", "/v1/batch/b", "/batch", "/b", "/batch/b", "/api/s/s2s/batch")
 SINGLE_PATHS = ("/api/s/{type}", "/api/s/s2s/{type}")
 
+# Jitsu's answer to an accepted event; jitsu-js wants JSON, never an empty 2xx.
+OK_BODY = b'{"ok":true}'
+
 CORS_ALLOW_HEADERS = (
     "x-enable-debug, x-write-key, authorization, content-type, x-ip-policy, cache-control, "
     "x-jitsu-custom"
@@ -135,7 +138,7 @@ async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
         key,
     )
     await _commit(request, state, envelope)
-    return json_response({"ok": True})
+    return web.Response(body=OK_BODY, content_type="application/json")
 
 
 async def ingest_batch(request: web.Request) -> web.Response:
