@@ -27,7 +27,6 @@ from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
 # Jitsu's batch route and its aliases for Segment libraries (research notes §1).
 BATCH_PATHS = ("/v1/batch", "/v1/b", "/v1/batch/b", "/batch", "/b", "/batch/b", "/api/s/s2s/batch")
-SINGLE_PATHS = ("/api/s/{type}", "/api/s/s2s/{type}")
 
 # Jitsu's answer to an accepted event; jitsu-js wants JSON, never an empty 2xx.
 OK_BODY = b'{"ok":true}'
