@@ -193,3 +193,18 @@ def test_bad_config_exits_1_with_one_clear_line(
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
     assert '"config_invalid"' in lines[0] and needle in lines[0]
+
+
+def test_config_path_may_come_from_proxy_config(tmp_path: Path) -> None:
+    path = tmp_path / "from-env.yaml"
+    path.write_text("upstream:\n  retry:\n    sleepy: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin", "PROXY_CONFIG": str(path)},
+    )
+    assert result.returncode == 1
+    assert "upstream.retry.sleepy" in result.stdout, "the file named by PROXY_CONFIG was read"
