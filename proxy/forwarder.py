@@ -214,6 +214,8 @@ class Forwarder:
         while self.inflight:
             self._slot_freed.clear()
             await self._slot_freed.wait()
+        if not self.failing:
+            return  # a request in flight (the first to meet the failure) got through after all
         delay = self.backoff.delay(self.failures, self.retry_after_s)
         self.next_probe_at = time.time() + delay
         await asyncio.sleep(delay)
