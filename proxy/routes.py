@@ -381,6 +381,54 @@ def _is_https(request: web.Request, state: AppState) -> bool:
     return proto == "https" and is_trusted(peer, state.trusted_proxies)
 
 
+# Segment libraries (analytics.js, analytics-react-native) boot from a "CDN settings" document;
+# Jitsu answers these paths itself with a fixed one (ingest/router_segment_settings_handler.go).
+SEGMENT_SETTINGS_PATHS = (
+    "/v1/projects/{writeKey}/settings",
+    "/v1/projects/projects/{writeKey}/settings",
+    "/projects/{writeKey}/settings",
+    "/projects/projects/{writeKey}/settings",
+    "/v1/projects",
+    "/projects",
+)
+
+
+def segment_settings(write_key: str) -> dict[str, Any]:
+    default = {"enabled": True}
+    return {
+        "integrations": {
+            "Actions Google Analytic 4": {"versionSettings": {"componentTypes": []}},
+            "Segment.io": {
+                "apiKey": write_key,
+                "unbundledIntegrations": [],
+                "addBundledMetadata": True,
+                "maybeBundledConfigIds": {},
+                "versionSettings": {"version": "4.4.7", "componentTypes": ["browser"]},
+            },
+        },
+        "plan": {
+            "track": {"__default": {**default, "integrations": {}}},
+            "identify": {"__default": default},
+            "group": {"__default": default},
+        },
+        "edgeFunction": {},
+        "analyticsNextEnabled": True,
+        "middlewareSettings": {},
+        "enabledMiddleware": {},
+        "metrics": {"sampleRate": 0.1},
+        "legacyVideoPluginsEnabled": False,
+        "remotePlugins": [],
+    }
+
+
+async def serve_segment_settings(request: web.Request) -> web.Response:
+    """The settings document a Segment library asks for before it sends anything."""
+    return json_response(
+        segment_settings(request.match_info.get("writeKey", "")),
+        headers={hdrs.CACHE_CONTROL: "public, max-age=86400"},
+    )
+
+
 async def serve_script(request: web.Request) -> web.Response:
     """GET/HEAD /p.js (and routes.script_paths): the cached, rewritten tracking script."""
     state = request.app[APP_STATE]
@@ -438,6 +486,11 @@ def add_routes(app: web.Application, config: Config) -> frozenset[str]:
     for path in pixels:
         app.router.add_get(path, pixel)
         app.router.add_route("OPTIONS", path, preflight)
+    settings = list(SEGMENT_SETTINGS_PATHS) if config.routes.jitsu_paths else []
+    for path in settings:
+        app.router.add_get(path, serve_segment_settings)
+        app.router.add_post(path, serve_segment_settings)
+        app.router.add_route("OPTIONS", path, preflight)
     id_paths = [config.routes.id_path] if config.routes.id_path else []
     for path in id_paths:
         app.router.add_get(path, visitor_id)
@@ -445,4 +498,6 @@ def add_routes(app: web.Application, config: Config) -> frozenset[str]:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    return frozenset([*scripts, *batches, *(path for path, _ in events), *pixels, *id_paths])
+    return frozenset(
+        [*scripts, *batches, *(path for path, _ in events), *pixels, *id_paths, *settings]
+    )

@@ -281,3 +281,20 @@ async def test_missing_key_on_s2s_and_batch_is_401(
     health = await proxy.get("/healthz")
     assert health.status == 200
     assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/projects/segKey/settings", "/projects/projects/segKey/settings"]
+)
+async def test_segment_libraries_get_their_settings_document(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, path: str
+) -> None:
+    resp = await proxy.get(path, headers={"Origin": "https://shop.example"})
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "public, max-age=86400"
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    settings = await resp.json()
+    assert settings["integrations"]["Segment.io"]["apiKey"] == "segKey"
+    assert settings["analyticsNextEnabled"] is True
+    assert settings["plan"]["track"]["__default"]["enabled"] is True
+    assert upstream.received == []
