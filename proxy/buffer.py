@@ -363,11 +363,11 @@ class Buffer:
             results = [self._apply(conn, op) for op in ops]
             conn.execute("COMMIT")
             return [(True, r) for r in results]
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-        if len(ops) == 1:
-            return [self._commit_one(conn, ops[0])]
+            if len(ops) == 1:
+                return [(False, exc)]  # alone it already failed: no second try
         return [self._commit_one(conn, op) for op in ops]
 
     def _set_sync(self, conn: sqlite3.Connection, inserting: bool) -> None:
@@ -507,7 +507,7 @@ class Buffer:
 
     # ---- public API ------------------------------------------------------------------------
 
-    def check_admission(self, size: int) -> None:
+    def _check_admission(self, size: int) -> None:
         """Refuse before reading work we could not keep: 503 + Retry-After, never a 2xx."""
         if self._closing or self._writer is None:
             raise BufferClosedError("proxy is shutting down")
@@ -538,7 +538,7 @@ class Buffer:
     async def append(self, envelopes: Sequence[Envelope]) -> list[int]:
         """Commit envelopes durably; returns their sequence numbers once they are on disk."""
         size = sum(e.stored_size for e in envelopes)
-        self.check_admission(size)
+        self._check_admission(size)
         self._reserved += size
         try:
             result: list[int] = await self._submit("insert", list(envelopes))
