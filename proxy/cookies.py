@@ -66,7 +66,8 @@ def registrable_domain(host: str) -> str:
 
 
 def host_within(host: str, domain: str) -> bool:
-    host = host.lower().rsplit(":", 1)[0] if host.count(":") == 1 else host.lower()
+    """Whether the hostname `host` is `domain` or below it."""
+    host = host.lower()
     domain = domain.lower().lstrip(".")
     return bool(domain) and (host == domain or host.endswith("." + domain))
 
@@ -95,7 +96,7 @@ def truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def valid_destination(url: str, request_host: str) -> bool:
+def valid_destination(url: str, request_hostname: str) -> bool:
     """Jitsu's rules for the pixel's redirect: https, default port, a name (not an IP), and
     not the pixel's own host (no redirect loops)."""
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
@@ -108,7 +109,7 @@ def valid_destination(url: str, request_host: str) -> bool:
     host = (parts.hostname or "").lower()
     if parts.scheme != "https" or not host or port not in (None, 443) or _is_ip(host):
         return False
-    return host != request_host.lower().rsplit(":", 1)[0]
+    return host != request_hostname.lower()
 
 
 def header_safe(text: str) -> str:

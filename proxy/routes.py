@@ -123,15 +123,14 @@ async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
     client_ip = _client_ip(request, state)
     _limit_ip(state, client_ip)
     key = find_write_key(request.headers, request.query) or _host_key(request, state)
-    _require_key(request, key, s2s)
-    _admit_key(state, key)
+    _admit(request, state, key, strict=s2s)
     body = await _read_body(request, limits.max_request_bytes)
     # Jitsu does not inflate single-event bodies; a gzip one fails to parse there and here.
     raw, _message_id = env.parse_single(body, event_type, limits.max_event_bytes)
     upstream_path = f"/api/s/{'s2s/' if s2s else ''}{event_type}"
     envelope = env.build_envelope(
         env.forward_path(upstream_path, request.query),
-        env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy),
+        _upstream_headers(request, state, key, client_ip),
         raw,
         1,
         key,
@@ -164,8 +163,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
     payload = env.parse_batch_payload(body)
     if key is None:
         key = find_write_key({}, {}, payload.get("writeKey"))
-    _require_key(request, key, True)
-    _admit_key(state, key)
+    _admit(request, state, key, strict=True)
     result = env.filter_batch(payload, limits.max_event_bytes)
     answer: dict[str, Any] = {
         "ok": not result.errors,
@@ -181,7 +179,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
         upstream_path = request.path if request.path in BATCH_PATHS else "/v1/batch"
         envelope = env.build_envelope(
             env.forward_path(upstream_path, request.query),
-            env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy),
+            _upstream_headers(request, state, key, client_ip),
             raw,
             result.ok_events,
             key,
@@ -190,28 +188,19 @@ async def ingest_batch(request: web.Request) -> web.Response:
     return json_response(answer)
 
 
-def _require_key(request: web.Request, key: WriteKey | None, strict: bool) -> None:
-    """No key at all: s2s and batch routes answer 401 as Jitsu does. A browser route goes on:
-    Jitsu may still find the stream (sole stream), and will say so if it cannot."""
-    if key is not None:
-        request[KEY_ID] = key.key_id
-        return
-    if strict:
-        raise IngestError(
-            "stream not found: for: [writeKey: ][ingestType: writeKey]: write key is required",
-            status=401,
-        )
+def _hostname(request: web.Request) -> str:
+    """The request's Host without port or IPv6 brackets, lower case: the one place the Host
+    header is taken apart."""
+    host = (request.host or "").strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _host_key(request: web.Request, state: AppState) -> WriteKey | None:
     """The configured key of a first-party Host, for event requests that carry none."""
     host_keys = state.config.routes.host_keys
-    if not host_keys:
-        return None
-    host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
-    if host.startswith("[") or host.count(":") > 1:  # an IPv6 literal: no name to match
-        return None
-    value = host_keys.get(host)
+    value = host_keys.get(_hostname(request)) if host_keys else None
     return WriteKey(value, KeySource.HOST) if value else None
 
 
@@ -222,9 +211,20 @@ def _limit_ip(state: AppState, client_ip: str) -> None:
         raise RateLimitedError("client IP", wait)
 
 
-def _admit_key(state: AppState, key: WriteKey | None) -> None:
-    """The optional allowlist and per-key rate limit. An unknown key is answered as Jitsu
-    answers one (200 with the error on browser routes, 401 elsewhere) and goes no further."""
+def _admit(request: web.Request, state: AppState, key: WriteKey | None, *, strict: bool) -> None:
+    """Whose events go on, as Jitsu decides and then as this proxy's security settings do.
+
+    No key at all: s2s and batch routes (`strict`) answer 401 as Jitsu does; a browser route
+    goes on, since Jitsu may still find the stream (sole stream) and will say so if it cannot.
+    With an allowlist, an unknown key is answered as Jitsu answers one (200 with the error on
+    browser routes, 401 elsewhere) and goes no further. Then the per-key rate limit."""
+    if key is not None:
+        request[KEY_ID] = key.key_id
+    elif strict:
+        raise IngestError(
+            "stream not found: for: [writeKey: ][ingestType: writeKey]: write key is required",
+            status=401,
+        )
     allowed = state.config.security.allowed_key_ids
     if allowed and (key is None or key.public_id not in allowed):
         state.metrics.events_refused.labels("unknown_key").inc()
@@ -237,6 +237,12 @@ def _admit_key(state: AppState, key: WriteKey | None) -> None:
         if wait:
             state.metrics.events_refused.labels("rate_limited").inc()
             raise RateLimitedError("write key", wait)
+
+
+def _upstream_headers(
+    request: web.Request, state: AppState, key: WriteKey | None, client_ip: str
+) -> dict[str, str]:
+    return env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -288,17 +294,14 @@ async def pixel(request: web.Request) -> web.Response:
         client_ip = _client_ip(request, state)
         _limit_ip(state, client_ip)
         key = find_write_key(request.headers, request.query) or _host_key(request, state)
-        _require_key(request, key, False)
-        _admit_key(state, key)
+        _admit(request, state, key, strict=False)
         event_type = request.match_info["type"]
         event = env.pixel_event(request.query, event_type)
         query = dict(request.query)
         if not event.get("messageId"):
             query["messageId"] = str(uuid.uuid4())
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
-        forward = env.forward_headers(
-            request.headers, key, client_ip, state.config.privacy.ip_policy
-        )
+        forward = _upstream_headers(request, state, key, client_ip)
         del forward[hdrs.CONTENT_TYPE]
         cookie_header = cookies.forwarded_cookies(request.headers.get(hdrs.COOKIE, ""))
         if cookies.truthy(query.get("process_headers")) and not event.get("anonymousId"):
@@ -324,7 +327,7 @@ async def pixel(request: web.Request) -> web.Response:
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
     destination = request.query.get("destination_url", "")
     if "X-Jitsu-Error" not in headers and cookies.valid_destination(
-        destination, request.host or ""
+        destination, _hostname(request)
     ):
         response = web.Response(status=302, headers={**headers, hdrs.LOCATION: destination})
     else:
@@ -364,7 +367,7 @@ async def visitor_id(request: web.Request) -> web.Response:
 def _cookie_domain(request: web.Request, state: AppState, query: Any) -> str:
     """privacy.cookie_domain, else a requested domain the host lies within, else the host's
     registrable domain."""
-    host = request.host or ""
+    host = _hostname(request)
     if state.config.privacy.cookie_domain:
         return state.config.privacy.cookie_domain
     asked = (query.get("cookie_domain") or query.get("domain") or "").strip().lstrip(".")
