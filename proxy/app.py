@@ -91,22 +91,22 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Request id, JSON errors, CORS on ingest routes, and one canonical log line per request."""
     started = time.perf_counter()
     structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+    state = request.app[APP_STATE]
     route = _route_of(request)
-    response: web.StreamResponse
+    public = route in state.public_routes
+    status = 500  # what the log says if the handler never finishes (cancelled)
     try:
         try:
             response = await handler(request)
         except Exception as exc:
             response = error_response(request, exc)
+        status = response.status
         origin = request.headers.get(hdrs.ORIGIN)
-        public = route in request.app[APP_STATE].public_routes
         if public and origin and request.method != hdrs.METH_OPTIONS:
             response.headers.update(routes.cors_headers(origin))
         return response
     finally:
-        status = response.status if "response" in locals() else 500
-        state = request.app[APP_STATE]
-        if route in state.public_routes and request.method == hdrs.METH_POST:
+        if public and request.method == hdrs.METH_POST:
             state.metrics.requests.labels(route, str(status)).inc()
         log.info(
             "request",
