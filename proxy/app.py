@@ -140,12 +140,7 @@ def create_app(config: Config) -> web.Application:
     client_max = max(config.limits.max_request_bytes, config.limits.max_decompressed_bytes) + 1
     app = web.Application(middlewares=[edge_middleware], client_max_size=client_max)
     metrics = Metrics()
-    buffer = Buffer(
-        config.buffer.path,
-        config.buffer.max_bytes,
-        fsync=config.buffer.fsync,
-        min_free_bytes=config.buffer.min_free_bytes,
-    )
+    buffer = Buffer.from_config(config.buffer)
     state = AppState(
         config=config,
         metrics=metrics,

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from proxy.config import BufferConfig
 from proxy.envelope import Envelope
 from proxy.errors import BufferClosedError, BufferError_, BufferFullError, BufferLockedError
 
@@ -134,7 +135,20 @@ class Buffer:
         self._free_checked_at = 0.0
         self._free_bytes = 1 << 62
 
+    @classmethod
+    def from_config(cls, config: BufferConfig) -> Buffer:
+        return cls(
+            config.path, config.max_bytes, fsync=config.fsync, min_free_bytes=config.min_free_bytes
+        )
+
     # ---- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Buffer:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
 
     async def open(self) -> None:
         self._take_lock()

@@ -13,12 +13,8 @@ LIST_LIMIT = 1_000_000
 
 
 async def list_dead_letters(config: Config, status: int | None) -> list[dict[str, Any]]:
-    buffer = Buffer(config.buffer.path, config.buffer.max_bytes, fsync=config.buffer.fsync)
-    await buffer.open()
-    try:
+    async with Buffer.from_config(config.buffer) as buffer:
         rows = await buffer.dead_letters(LIST_LIMIT)
-    finally:
-        await buffer.close()
     # Never the body or headers: they carry the events and the write key.
     return [
         {k: v for k, v in row.items() if k != "body"}
@@ -28,9 +24,5 @@ async def list_dead_letters(config: Config, status: int | None) -> list[dict[str
 
 
 async def replay(config: Config, status: int | None) -> int:
-    buffer = Buffer(config.buffer.path, config.buffer.max_bytes, fsync=config.buffer.fsync)
-    await buffer.open()
-    try:
+    async with Buffer.from_config(config.buffer) as buffer:
         return await buffer.requeue_dead_letters(status)
-    finally:
-        await buffer.close()

@@ -98,13 +98,9 @@ def _keep(row: tuple[Any, ...], out: list[Envelope]) -> int:
 
 async def salvage(config: Config, source: Path) -> dict[str, Any]:
     envelopes, unreadable = read_rows(source)
-    buffer = Buffer(config.buffer.path, config.buffer.max_bytes, fsync=config.buffer.fsync)
-    await buffer.open()
-    try:
+    async with Buffer.from_config(config.buffer) as buffer:
         for start in range(0, len(envelopes), CHUNK):
             await buffer.append(envelopes[start : start + CHUNK])
-    finally:
-        await buffer.close()
     return {
         "source": str(source),
         "rows_recovered": len(envelopes),
