@@ -211,19 +211,15 @@ async def _script_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[APP_STATE]
     config = state.config
-    holder: dict[str, Forwarder] = {}
-    session = aiohttp.ClientSession(
+    forwarder = Forwarder(state.buffer, config.upstream, state.metrics)
+    async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=config.upstream.concurrency * 2, keepalive_timeout=30),
-        trace_configs=[Forwarder.trace_config(holder)],
-        auto_decompress=True,
-    )
-    forwarder = Forwarder(state.buffer, session, config.upstream, state.metrics)
-    holder["forwarder"] = forwarder
-    state.forwarder = forwarder
-    forwarder.start()
-    yield
-    await forwarder.stop(grace_s=config.server.shutdown_timeout_s)
-    await session.close()
+        trace_configs=[forwarder.trace_config()],
+    ) as session:
+        state.forwarder = forwarder
+        forwarder.start(session)
+        yield
+        await forwarder.stop(grace_s=config.server.shutdown_timeout_s)
 
 
 async def _on_shutdown(app: web.Application) -> None:

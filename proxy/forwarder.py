@@ -89,13 +89,7 @@ class _InRequestRetry(ExponentialRetry):
 
 
 class Forwarder:
-    def __init__(
-        self,
-        buffer: Buffer,
-        session: aiohttp.ClientSession,
-        config: UpstreamConfig,
-        metrics: Metrics,
-    ) -> None:
+    def __init__(self, buffer: Buffer, config: UpstreamConfig, metrics: Metrics) -> None:
         self.buffer = buffer
         self.config = config
         self.metrics = metrics
@@ -106,7 +100,7 @@ class Forwarder:
             multiplier=config.retry.multiplier,
             max_retry_after_s=config.retry.max_retry_after_s,
         )
-        self.client = RetryClient(client_session=session)
+        self.client: RetryClient | None = None  # set by start()
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.failing = False
         self.failures = 0
@@ -124,30 +118,30 @@ class Forwarder:
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    @staticmethod
-    def trace_config(forwarder_ref: dict[str, Forwarder]) -> aiohttp.TraceConfig:
-        """Counts every attempt (retries inside aiohttp-retry included) per buffered row."""
+    def trace_config(self) -> aiohttp.TraceConfig:
+        """For the upstream session: counts every attempt per buffered row (retries inside
+        aiohttp-retry included) and stops non-probe attempts while upstream fails."""
         trace = aiohttp.TraceConfig()
 
         async def on_start(
             _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceRequestStartParams
         ) -> None:
             seq = (ctx.trace_request_ctx or {}).get("seq")
-            fwd = forwarder_ref.get("forwarder")
-            if seq is None or fwd is None:
+            if seq is None:
                 return
             # Once upstream is known to fail, only the probe may go out; a request that was
             # waiting between in-request retries goes back to the buffer instead.
-            if fwd.failing and seq != fwd.probe_seq:
+            if self.failing and seq != self.probe_seq:
                 raise _HandBack(None, None, sent=False)
-            fwd.attempts[seq] += 1
+            self.attempts[seq] += 1
 
         trace.on_request_start.append(on_start)
         return trace
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self.client = RetryClient(client_session=session)
         self._task = asyncio.create_task(self._run(), name="forwarder")
 
     async def stop(self, grace_s: float) -> None:
@@ -301,6 +295,7 @@ class Forwarder:
     async def _send(self, row: Row) -> Attempt:
         key = row.headers.get("X-Write-Key")
         try:
+            assert self.client is not None, "start() first"
             async with self.client.request(
                 row.method,
                 self.base_url + row.path,
