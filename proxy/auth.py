@@ -77,13 +77,34 @@ def decode_basic(header: str) -> str:
     return text.strip()
 
 
+# Jitsu's keys are two 32-character ids; anything far longer is no key of Jitsu's.
+MAX_KEY_CHARS = 512
+
+
 def _checked(value: str, source: KeySource) -> WriteKey:
-    # A control character would be refused by aiohttp as a header later, after we said 200.
+    """A key we could not store or send unchanged is refused now, not after the 2xx."""
+    # A control character would be refused by aiohttp as a header.
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise IngestError(
             "error processing message: write key contains control characters", status=400
         )
+    # Invalid UTF-8 in a header arrives as lone surrogates (aiohttp decodes with
+    # surrogateescape), and so does a \ud800 escape in a body key: SQLite cannot store such a
+    # string and aiohttp sends it as an empty header. No stream has such a key: Jitsu's answer.
+    if len(value) > MAX_KEY_CHARS or not _is_utf8(value):
+        raise IngestError(
+            "stream not found: for: [writeKey: (not a valid key)][ingestType: writeKey]",
+            status=401,
+        )
     return WriteKey(value, source)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def find_write_key(

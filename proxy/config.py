@@ -61,6 +61,9 @@ class RetryConfig:
     request_attempts: int = 3
     # Upper bound on a Retry-After we obey, so a broken upstream cannot pin us for days.
     max_retry_after_s: float = 900.0
+    # Failed deliveries of one row, each while other rows went through, before that row is
+    # dead-lettered. Failures during an outage (every row failing) never count.
+    max_row_failures: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,9 @@ class UpstreamConfig:
     url: str = "http://127.0.0.1:3049"
     timeout_s: float = 30.0
     concurrency: int = 16
+    # A batch is forwarded in pieces of at most this many bytes (each with the batch's
+    # context), so that no load balancer's body limit in front of Jitsu refuses it.
+    max_batch_bytes: int = 1024 * 1024
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 
 
@@ -79,16 +85,27 @@ class BufferConfig:
     fsync: bool = True
     # Answer 503 while the filesystem has less free space than this.
     min_free_bytes: int = 64 * 1024 * 1024
+    # Bound of the dead-letter store; beyond it the oldest dead letters are dropped, each drop
+    # logged and counted (proxy_dead_letters_dropped_total).
+    max_dead_letter_bytes: int = 256 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class LimitsConfig:
-    # Bytes of a request body as it arrives (compressed, if gzip).
+    # Bytes of a request body as it arrives, whatever its Content-Encoding says.
     max_request_bytes: int = 4 * 1024 * 1024
     # Bytes of a batch body after gzip decompression (bomb guard).
     max_decompressed_bytes: int = 16 * 1024 * 1024
+    # Gzip members in one body (a body may be several gzip streams back to back).
+    max_gzip_members: int = 100
     # One event, serialised. Jitsu's MAX_INGEST_PAYLOAD_SIZE default is 1 000 000.
     max_event_bytes: int = 1_000_000
+    # Events in one batch request; more is refused (413) before they are parsed.
+    max_batch_events: int = 10_000
+    # Per-event errors listed in a batch answer; the rest are counted in one last line.
+    max_batch_errors: int = 100
+    # Bodies larger than this, and every gzip body, are parsed in a worker process.
+    inline_parse_bytes: int = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,12 +365,19 @@ def _check(config: Config) -> None:
         ("upstream.retry.multiplier", config.upstream.retry.multiplier < 1),
         ("upstream.retry.request_attempts", config.upstream.retry.request_attempts < 1),
         ("upstream.retry.max_retry_after_s", config.upstream.retry.max_retry_after_s < 0),
+        ("upstream.retry.max_row_failures", config.upstream.retry.max_row_failures < 1),
+        ("upstream.max_batch_bytes", config.upstream.max_batch_bytes < 1024),
         ("buffer.path", not config.buffer.path),
         ("buffer.max_bytes", config.buffer.max_bytes <= 0),
         ("buffer.min_free_bytes", config.buffer.min_free_bytes < 0),
+        ("buffer.max_dead_letter_bytes", config.buffer.max_dead_letter_bytes <= 0),
         ("limits.max_request_bytes", config.limits.max_request_bytes <= 0),
         ("limits.max_decompressed_bytes", config.limits.max_decompressed_bytes <= 0),
         ("limits.max_event_bytes", config.limits.max_event_bytes <= 0),
+        ("limits.max_gzip_members", config.limits.max_gzip_members < 1),
+        ("limits.max_batch_events", config.limits.max_batch_events < 1),
+        ("limits.max_batch_errors", config.limits.max_batch_errors < 0),
+        ("limits.inline_parse_bytes", config.limits.inline_parse_bytes < 0),
         ("security.rate_limit.per_ip_rps", config.security.rate_limit.per_ip_rps < 0),
         ("security.rate_limit.per_ip_burst", config.security.rate_limit.per_ip_burst < 0),
         ("security.rate_limit.per_key_rps", config.security.rate_limit.per_key_rps < 0),

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import math
+import re
 import uuid
 import zlib
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from proxy.auth import WriteKey, mask_key
+from proxy.config import LimitsConfig
 from proxy.errors import IngestError
 
 EVENT_TYPES = frozenset({"page", "identify", "track", "group", "alias", "screen"})
@@ -35,6 +38,12 @@ MAX_EVENT_NAME = 128
 
 # Request headers Jitsu reads (research notes §3.4) that we pass through unchanged.
 PASSTHROUGH_HEADERS = ("User-Agent", "Accept-Language", "X-IP-Policy", "Origin", "Referer")
+# What a stored row costs besides its fields (SQLite record and index overhead, roughly), so
+# that a flood of tiny rows is counted against buffer.max_bytes too.
+ROW_OVERHEAD = 64
+# Gzip input is fed to zlib in slices of this size: the bytes left over at the end of a member
+# are copied once per member, so their cost stays linear in the body.
+GZIP_SLICE = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +57,21 @@ class Envelope:
     key_id: str
     method: str = "POST"
 
+    @functools.cached_property
+    def headers_json(self) -> str:
+        return json.dumps(self.headers)
+
     @property
     def stored_size(self) -> int:
-        """What the buffer counts: a pixel's event lives in its query string."""
-        return len(self.body) + len(self.path)
+        """Everything the buffer stores for this row, so that buffer.max_bytes is a bound on
+        the disk: body, path (a pixel's event lives in its query string), headers, key id."""
+        return (
+            len(self.body)
+            + len(self.path.encode("utf-8", "surrogatepass"))
+            + len(self.headers_json)
+            + len(self.key_id.encode("utf-8", "surrogatepass"))
+            + ROW_OVERHEAD
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +79,8 @@ class BatchResult:
     payload: dict[str, Any]
     received: int
     errors: list[str]
+    # Each kept event as it will be forwarded (compact JSON, body key masked).
+    raw_events: list[bytes] = dataclasses.field(default_factory=list)
 
     @property
     def ok_events(self) -> int:
@@ -76,16 +98,25 @@ def check_content_type(content_type: str) -> None:
         )
 
 
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Inflate a gzip request body, refusing to produce more than `limit` bytes."""
+def decompress(body: bytes, encoding: str, limit: int, max_members: int = 100) -> bytes:
+    """Inflate a gzip request body, refusing to produce more than `limit` bytes or to read more
+    than `max_members` gzip members. Linear in the body: input goes in by slices, so what is
+    left over after a member is at most one slice (never the rest of the body, copied again
+    for every member)."""
     if "gzip" not in encoding.lower():
         return body
     parts: list[bytes] = []
     produced = 0
-    data = body
-    # A gzip stream may be several members back to back; Go's reader reads them all.
+    members = 1
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pos = 0
+    data = b""
     while True:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if not data:
+            if pos >= len(body):
+                break
+            data = body[pos : pos + GZIP_SLICE]
+            pos += GZIP_SLICE
         try:
             out = inflater.decompress(data, limit - produced + 1)
         except zlib.error as exc:
@@ -93,17 +124,28 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
                 f"error parsing message: invalid gzip body: {exc}", status=400
             ) from None
         produced += len(out)
-        if produced > limit or inflater.unconsumed_tail:
+        if produced > limit:
             raise IngestError(
                 f"request body too large: more than {limit} bytes after decompression",
                 status=413,
             )
-        if not inflater.eof:
-            raise IngestError("error parsing message: truncated gzip body", status=400)
         parts.append(out)
-        data = inflater.unused_data
-        if not data:
-            return b"".join(parts)
+        # Below the cap the whole slice was consumed (unconsumed_tail is empty).
+        data = b""
+        if inflater.eof:
+            # A gzip stream may be several members back to back; Go's reader reads them all.
+            data = inflater.unused_data
+            if not data and pos >= len(body):
+                break
+            members += 1
+            if members > max_members:
+                raise IngestError(
+                    f"request body too large: more than {max_members} gzip members", status=413
+                )
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if not inflater.eof:
+        raise IngestError("error parsing message: truncated gzip body", status=400)
+    return b"".join(parts)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -202,10 +244,11 @@ def parse_single(body: bytes, path_type: str, max_event_bytes: int) -> tuple[byt
     return raw, message_id
 
 
-def parse_batch_payload(body: bytes) -> dict[str, Any]:
-    payload = _parse_json(body)
-    if not isinstance(payload, dict):
-        raise IngestError("error parsing message: batch payload must be a JSON object")
+def parse_batch_payload(body: bytes, max_events: int | None = None) -> dict[str, Any]:
+    """The batch payload, read one array element at a time: more than `max_events` elements
+    are refused (413) before they exist in memory, so a small body of `{},{},...` cannot turn
+    into millions of events."""
+    payload = _load_batch(body, max_events)
     batch = payload.get("batch")
     if not isinstance(batch, list):
         raise IngestError("error parsing message: 'batch' must be a JSON array")
@@ -215,29 +258,177 @@ def parse_batch_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def filter_batch(payload: dict[str, Any], max_event_bytes: int) -> BatchResult:
-    """Keep the valid events of a batch; report the others the way Jitsu's batch answer does.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
+    """json.loads for a top-level object, except that a `batch` array is read element by
+    element and capped. Same acceptance as json.loads otherwise (duplicate keys: the last)."""
+    try:
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        if text.startswith("\ufeff"):
+            raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+        pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+        if text[pos : pos + 1] != "{":
+            if len(text) - pos <= 64 * 1024:
+                # Small: parse it, so that malformed JSON gets the parser's own message.
+                _value, end = _DECODER.raw_decode(text, pos)
+                _expect_end(text, end)
+            # Large: not an object either way; never build a million-element array to say so.
+            raise IngestError("error parsing message: batch payload must be a JSON object")
+        payload: dict[str, Any] = {}
+        pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+        if text[pos : pos + 1] == "}":
+            _expect_end(text, pos + 1)
+            return payload
+        while True:
+            if text[pos : pos + 1] != '"':
+                raise ValueError(f"Expecting property name enclosed in double quotes: char {pos}")
+            key, pos = _DECODER.raw_decode(text, pos)
+            pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            if text[pos : pos + 1] != ":":
+                raise ValueError(f"Expecting ':' delimiter: char {pos}")
+            pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+            if key == "batch" and text[pos : pos + 1] == "[":
+                payload[key], pos = _load_array(text, pos, max_events)
+            else:
+                payload[key], pos = _DECODER.raw_decode(text, pos)
+            pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            delimiter = text[pos : pos + 1]
+            pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+            if delimiter == "}":
+                _expect_end(text, pos)
+                return payload
+            if delimiter != ",":
+                raise ValueError(f"Expecting ',' delimiter: char {pos}")
+    except RecursionError:
+        raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IngestError(f"error parsing message: {exc}", status=400) from None
+
+
+def _expect_end(text: str, pos: int) -> None:
+    pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+    if pos != len(text):
+        raise ValueError(f"Extra data: char {pos}")
+
+
+def _load_array(text: str, pos: int, max_events: int | None) -> tuple[list[Any], int]:
+    items: list[Any] = []
+    pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+    if text[pos : pos + 1] == "]":
+        return items, pos + 1
+    while True:
+        if max_events is not None and len(items) >= max_events:
+            raise IngestError(
+                f"request body too large: a batch holds at most {max_events} events", status=413
+            )
+        value, pos = _DECODER.raw_decode(text, pos)
+        items.append(value)
+        pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+        delimiter = text[pos : pos + 1]
+        pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+        if delimiter == "]":
+            return items, pos
+        if delimiter != ",":
+            raise ValueError(f"Expecting ',' delimiter: char {pos}")
+
+
+def filter_batch(
+    payload: dict[str, Any], max_event_bytes: int, max_errors: int | None = None
+) -> BatchResult:
+    """Keep the valid events of a batch; report the others the way Jitsu's batch answer does,
+    listing at most `max_errors` of them (a hostile batch must not make a huge answer).
     One bad event never blocks the rest."""
     events_name = payload.get("eventsName")
     default_name = events_name if isinstance(events_name, str) and events_name else None
     kept: list[dict[str, Any]] = []
+    raw_events: list[bytes] = []
     errors: list[str] = []
+    refused = 0
     for index, event in enumerate(payload["batch"]):
+        error: str | None = None
         if not isinstance(event, dict):
-            errors.append(f"Event #{index}: error parsing message: event must be a JSON object")
+            error = f"Event #{index}: error parsing message: event must be a JSON object"
+        else:
+            message_id = ensure_message_id(event)
+            _mask_body_key(event)
+            try:
+                _validate_event(event, "track" if default_name else "event", default_name)
+                raw = _dump(event)
+                _event_size_check(raw, max_event_bytes)
+            except IngestError as exc:
+                error = f"Message ID: {message_id}: {exc.message}"
+        if error is None:
+            kept.append(event)
+            raw_events.append(raw)
             continue
-        message_id = ensure_message_id(event)
-        try:
-            _validate_event(event, "track" if default_name else "event", default_name)
-            _event_size_check(_dump(event), max_event_bytes)
-        except IngestError as exc:
-            errors.append(f"Message ID: {message_id}: {exc.message}")
-            continue
-        _mask_body_key(event)
-        kept.append(event)
+        refused += 1
+        if max_errors is None or len(errors) < max_errors:
+            errors.append(error)
+    if refused > len(errors):
+        errors.append(f"{refused - len(errors)} more event(s) refused, not listed")
     out = {k: v for k, v in payload.items() if k != "writeKey"}
     out["batch"] = kept
-    return BatchResult(payload=out, received=len(payload["batch"]), errors=errors)
+    return BatchResult(
+        payload=out, received=len(payload["batch"]), errors=errors, raw_events=raw_events
+    )
+
+
+def split_batch(result: BatchResult, max_bytes: int) -> list[tuple[bytes, int]]:
+    """The kept events as upstream batch bodies of at most `max_bytes` each (one event alone
+    may exceed it), every piece with the batch's other top-level fields (context, eventsName),
+    which Jitsu applies per event, so the split changes nothing upstream. Returns (body, events)
+    pairs; the events' bytes are the ones already checked, not serialised again."""
+    head = _dump({k: v for k, v in result.payload.items() if k != "batch"})
+    prefix = head[:-1] + (b"," if len(head) > 2 else b"") + b'"batch":['
+    suffix = b"]}"
+    pieces: list[tuple[bytes, int]] = []
+    group: list[bytes] = []
+    size = len(prefix) + len(suffix)
+    for raw in result.raw_events:
+        extra = len(raw) + (1 if group else 0)
+        if group and size + extra > max_bytes:
+            pieces.append((prefix + b",".join(group) + suffix, len(group)))
+            group, size = [], len(prefix) + len(suffix)
+            extra = len(raw)
+        group.append(raw)
+        size += extra
+    if group:
+        pieces.append((prefix + b",".join(group) + suffix, len(group)))
+    return pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBatch:
+    """A batch request made ready for the buffer (the result of `prepare_batch`)."""
+
+    body_key: Any  # `writeKey` of the body, for auth; never forwarded
+    received: int
+    errors: list[str]
+    pieces: list[tuple[bytes, int]]  # upstream bodies and their event counts
+
+    @property
+    def ok_events(self) -> int:
+        return sum(n for _, n in self.pieces)
+
+
+def prepare_batch(
+    body: bytes, encoding: str, limits: LimitsConfig, max_forward_bytes: int
+) -> PreparedBatch:
+    """Inflate, parse, validate and split a batch body. Pure and picklable: large bodies run
+    in a worker process (proxy.offload)."""
+    if "gzip" in encoding.lower() and body[:2] == b"\x1f\x8b":
+        body = decompress(body, encoding, limits.max_decompressed_bytes, limits.max_gzip_members)
+    payload = parse_batch_payload(body, limits.max_batch_events)
+    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors)
+    return PreparedBatch(
+        body_key=payload.get("writeKey"),
+        received=result.received,
+        errors=result.errors,
+        pieces=split_batch(result, max_forward_bytes),
+    )
 
 
 def forward_headers(
@@ -256,11 +447,27 @@ def forward_headers(
     for name in PASSTHROUGH_HEADERS:
         value = request_headers.get(name)
         if value:
-            headers[name] = value
+            headers[name] = header_text(value)
     if ip_policy == "remove":
         # With no IP header Jitsu would take the proxy's own address; this makes it store none.
         headers["X-IP-Policy"] = "remove"
     return headers
+
+
+def header_text(value: str) -> str:
+    """A request header value as something we can store and send: aiohttp hands over invalid
+    UTF-8 as lone surrogates (surrogateescape), which SQLite refuses and aiohttp's client sends
+    as an empty value. Those bytes become U+FFFD, as Go's JSON encoding stores them in Jitsu."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape" if _escaped_only(value) else "replace")
+        return raw.decode("utf-8", "replace")
+    return value
+
+
+def _escaped_only(value: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
 
 
 def forward_path(path: str, query: Mapping[str, str]) -> str:

@@ -7,10 +7,13 @@ ProxyError
 │   ├── BufferFullError     configured bound or the disk is full (503 + Retry-After)
 │   └── BufferClosedError   the buffer is closing or closed (503)
 ├── IngestError             a client request Jitsu would refuse (status + public message)
-└── RateLimitedError        a client over its request rate (429 + Retry-After)
+├── RateLimitedError        a client over its request rate (429 + Retry-After)
+└── OverloadedError         a request the proxy cannot handle right now (503 + Retry-After)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ProxyError(Exception):
@@ -54,6 +57,14 @@ class IngestError(ProxyError):
         self.status = status
         self.browser_ok = browser_ok
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in the parser's worker process too: keep status and browser_ok across pickling.
+        return (_ingest_error, (self.message, self.status, self.browser_ok))
+
+
+def _ingest_error(message: str, status: int, browser_ok: bool) -> IngestError:
+    return IngestError(message, status, browser_ok=browser_ok)
+
 
 class RateLimitedError(ProxyError):
     """A client IP or write key is over its configured request rate."""
@@ -61,3 +72,7 @@ class RateLimitedError(ProxyError):
     def __init__(self, what: str, retry_after_s: float) -> None:
         super().__init__(f"rate limit exceeded for this {what}")
         self.retry_after_s = retry_after_s
+
+
+class OverloadedError(ProxyError):
+    """The proxy cannot take this request now (its parser worker died); try again later."""

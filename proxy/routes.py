@@ -106,10 +106,12 @@ def _client_ip(request: web.Request, state: AppState) -> str:
     return anonymize(ip, state.config.privacy.ip_policy)
 
 
-async def _commit(request: web.Request, state: AppState, envelope: env.Envelope) -> None:
-    await state.buffer.append([envelope])
-    state.metrics.events_accepted.inc(envelope.events)
-    request[EVENT_COUNT] = envelope.events
+async def _commit(request: web.Request, state: AppState, envelopes: list[env.Envelope]) -> None:
+    """One transaction for all of a request's envelopes: all are kept, or none."""
+    await state.buffer.append(envelopes)
+    events = sum(e.events for e in envelopes)
+    state.metrics.events_accepted.inc(events)
+    request[EVENT_COUNT] = events
 
 
 async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
@@ -126,7 +128,9 @@ async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
     _admit(request, state, key, strict=s2s)
     body = await _read_body(request, limits.max_request_bytes)
     # Jitsu does not inflate single-event bodies; a gzip one fails to parse there and here.
-    raw, _message_id = env.parse_single(body, event_type, limits.max_event_bytes)
+    raw, _message_id = await state.offload.run(
+        len(body), env.parse_single, body, event_type, limits.max_event_bytes
+    )
     upstream_path = f"/api/s/{'s2s/' if s2s else ''}{event_type}"
     envelope = env.build_envelope(
         env.forward_path(upstream_path, request.query),
@@ -135,12 +139,13 @@ async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
         1,
         key,
     )
-    await _commit(request, state, envelope)
+    await _commit(request, state, [envelope])
     return web.Response(body=OK_BODY, content_type="application/json")
 
 
 async def ingest_batch(request: web.Request) -> web.Response:
-    """POST /v1/batch and aliases: a Segment-style batch, forwarded as one batch."""
+    """POST /v1/batch and aliases: a Segment-style batch, forwarded as a batch (in pieces of at
+    most upstream.max_batch_bytes)."""
     state = request.app[APP_STATE]
     request[BROWSER_ROUTE] = False
     limits = state.config.limits
@@ -151,40 +156,40 @@ async def ingest_batch(request: web.Request) -> web.Response:
     # before the body is read, as in Jitsu.
     key = find_write_key(request.headers, request.query)
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
-    gzipped = "gzip" in encoding.lower()
-    limit = (
-        max(limits.max_request_bytes, limits.max_decompressed_bytes)
-        if gzipped
-        else limits.max_request_bytes
+    # The limit is on the body as received: a label saying gzip buys no larger allowance.
+    body = await _read_body(request, limits.max_request_bytes)
+    prepared = await state.offload.run(
+        len(body),
+        env.prepare_batch,
+        body,
+        encoding,
+        limits,
+        state.config.upstream.max_batch_bytes,
+        inline="gzip" not in encoding.lower(),
     )
-    body = await _read_body(request, limit)
-    if gzipped and body[:2] == b"\x1f\x8b":
-        body = env.decompress(body, encoding, limits.max_decompressed_bytes)
-    payload = env.parse_batch_payload(body)
     if key is None:
-        key = find_write_key({}, {}, payload.get("writeKey"))
+        key = find_write_key({}, {}, prepared.body_key)
     _admit(request, state, key, strict=True)
-    result = env.filter_batch(payload, limits.max_event_bytes)
     answer: dict[str, Any] = {
-        "ok": not result.errors,
-        "okEvents": result.ok_events,
-        "receivedEvents": result.received,
+        "ok": not prepared.errors,
+        "okEvents": prepared.ok_events,
+        "receivedEvents": prepared.received,
     }
-    if result.errors:
-        answer["errors"] = result.errors
-        state.metrics.events_refused.labels("invalid_event").inc(len(result.errors))
-    if result.ok_events:
-        raw = env.encode_batch(result.payload)
+    if prepared.errors:
+        answer["errors"] = prepared.errors
+        state.metrics.events_refused.labels("invalid_event").inc(
+            prepared.received - prepared.ok_events
+        )
+    if prepared.pieces:
         # Jitsu knows its own batch aliases; ours go to its canonical path.
         upstream_path = request.path if request.path in BATCH_PATHS else "/v1/batch"
-        envelope = env.build_envelope(
-            env.forward_path(upstream_path, request.query),
-            _upstream_headers(request, state, key, client_ip),
-            raw,
-            result.ok_events,
-            key,
+        path = env.forward_path(upstream_path, request.query)
+        headers = _upstream_headers(request, state, key, client_ip)
+        await _commit(
+            request,
+            state,
+            [env.build_envelope(path, headers, raw, n, key) for raw, n in prepared.pieces],
         )
-        await _commit(request, state, envelope)
     return json_response(answer)
 
 
@@ -246,6 +251,16 @@ def _upstream_headers(
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Alive means the loops that keep events moving run: the buffer's writer and the
+    forwarder. If either ended (the log says why), an orchestrator should restart us."""
+    state = request.app[APP_STATE]
+    stopped = []
+    if not state.buffer.alive:
+        stopped.append("buffer writer")
+    if state.forwarder is not None and not state.forwarder.alive:
+        stopped.append("forwarder")
+    if stopped:
+        return json_response({"status": "fail", "stopped": stopped}, status=503)
     return json_response({"status": "pass"})
 
 
@@ -322,7 +337,7 @@ async def pixel(request: web.Request) -> web.Response:
         envelope = env.build_envelope(
             env.forward_path(f"/api/px/{event_type}", query), forward, b"", 1, key, "GET"
         )
-        await _commit(request, state, envelope)
+        await _commit(request, state, [envelope])
     except IngestError as exc:
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
     destination = request.query.get("destination_url", "")

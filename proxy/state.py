@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.clientip import Network
 from proxy.config import Config
 from proxy.metrics import Metrics
+from proxy.offload import Offload
 from proxy.ratelimit import TokenBuckets
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class AppState:
     buffer: Buffer
     ip_limits: TokenBuckets
     key_limits: TokenBuckets
+    offload: Offload
     forwarder: Forwarder | None = None
     script: ScriptCache | None = None
     # Canonical names of the public routes (ingest and script): CORS and request metrics.

@@ -1,0 +1,163 @@
+"""Bounded cost per request, and bounds that are bounds (issue 7, findings 5-8): gzip members,
+events per batch, errors per answer, forwarded batch size, the buffer's byte count, the
+dead-letter store, and the request size whatever its Content-Encoding says."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import sqlite3
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from proxy.envelope import Envelope
+from tests.fakejitsu import FakeJitsu
+from tests.test_forwarding import KEY, _until, state
+from tests.test_hostile_upstream import metric
+
+HEADERS = {"X-Write-Key": KEY, "Content-Type": "application/json"}
+
+
+async def test_gzip_members_are_capped(proxy: TestClient[Any, Any], upstream: FakeJitsu) -> None:
+    # 160 000 tiny members once took 18 s of event loop (quadratic copying of the rest).
+    member = gzip.compress(b" ")
+    body = b"".join([member] * 160_000) + gzip.compress(b'{"batch":[{"type":"page"}]}')
+    resp = await proxy.post(
+        "/v1/batch", data=io.BytesIO(body), headers={**HEADERS, "Content-Encoding": "gzip"}
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "request body too large: more than 100 gzip members"
+    # Under the cap, every member counts.
+    body = b"".join([member] * 99) + gzip.compress(b'{"batch":[{"type":"page"}]}')
+    resp = await proxy.post("/v1/batch", data=body, headers={**HEADERS, "Content-Encoding": "gzip"})
+    assert resp.status == 200 and (await resp.json())["okEvents"] == 1
+    await upstream.wait_delivered(1)
+
+
+async def test_health_answers_while_a_large_batch_is_parsed(make_proxy: Any) -> None:
+    proxy = await make_proxy(limits={"max_batch_events": 40_000})
+    event = {"type": "track", "event": "e", "properties": {"p": "x" * 20, "n": [1, 2, 3]}}
+    body = json.dumps({"batch": [event] * 36_000}).encode()  # about 3 MB, 36 000 events
+    big = asyncio.create_task(proxy.post("/v1/batch", data=io.BytesIO(body), headers=HEADERS))
+    await asyncio.sleep(0.05)  # the big body is on its way, or being parsed
+    health = await proxy.get("/healthz")
+    assert health.status == 200
+    assert not big.done(), "the large batch was parsed on the event loop, ahead of /healthz"
+    resp = await big
+    assert resp.status == 200 and (await resp.json())["okEvents"] == 36_000
+
+
+async def test_a_small_body_cannot_become_millions_of_events(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    for batch in (b"{},", b"1,"):
+        plain = b'{"eventsName":"x","batch":[' + batch * 5_000_000 + batch[:-1] + b"]}"
+        resp = await proxy.post(
+            "/v1/batch",
+            data=gzip.compress(plain),
+            headers={**HEADERS, "Content-Encoding": "gzip"},
+        )
+        assert resp.status == 413
+        assert await resp.json() == {
+            "error": "request body too large: a batch holds at most 10000 events"
+        }
+    assert upstream.received == []
+
+
+async def test_the_error_list_of_a_batch_answer_is_capped(proxy: TestClient[Any, Any]) -> None:
+    resp = await proxy.post(
+        "/v1/batch", data=b'{"batch":[' + b"1," * 4999 + b"1]}", headers=HEADERS
+    )
+    answer = await resp.json()
+    assert (answer["okEvents"], answer["receivedEvents"]) == (0, 5000)
+    assert len(answer["errors"]) == 101
+    assert answer["errors"][0] == "Event #0: error parsing message: event must be a JSON object"
+    assert answer["errors"][-1] == "4900 more event(s) refused, not listed"
+
+
+async def test_large_batches_go_upstream_in_pieces_with_their_context(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    proxy = await make_proxy(upstream={"max_batch_bytes": 64 * 1024})
+    events = [
+        {"type": "track", "event": "e", "messageId": f"m{i}", "properties": {"pad": "x" * 5000}}
+        for i in range(40)
+    ]
+    payload = {"batch": events, "context": {"library": {"name": "sdk"}}, "writeKey": KEY}
+    resp = await proxy.post("/v1/batch", json=payload)
+    assert (await resp.json())["okEvents"] == 40
+    await upstream.wait_for(lambda f: len(f.delivered_set) == 40)
+    pieces = upstream.delivered
+    assert len(pieces) >= 3
+    for piece in pieces:
+        assert len(piece.body) <= 64 * 1024
+        assert piece.json()["context"] == {"library": {"name": "sdk"}}
+        assert "writeKey" not in piece.json()
+    assert [m for p in pieces for m in p.message_ids] == [f"m{i}" for i in range(40)]
+
+
+async def test_buffer_bytes_count_everything_stored(make_proxy: Any, upstream: FakeJitsu) -> None:
+    await upstream.stop()
+    proxy = await make_proxy(buffer={"max_bytes": 200_000})
+    statuses = []
+    for i in range(60):
+        resp = await proxy.post(
+            "/api/s/track",
+            json={"event": "e", "messageId": f"h{i}"},
+            headers={"X-Write-Key": KEY, "User-Agent": "u" * 8000, "Referer": "r" * 8000},
+        )
+        statuses.append(resp.status)
+    assert 503 in statuses, "400 tiny events with big headers once took 21 MB as 32 KB"
+    buf = state(proxy).buffer
+    with sqlite3.connect(buf.dir / "buffer.db") as conn:
+        (stored,) = conn.execute(
+            "SELECT sum(length(body) + length(CAST(path AS BLOB)) + length(CAST(headers AS BLOB))"
+            " + length(CAST(key_id AS BLOB))) FROM events"
+        ).fetchone()
+    assert buf.bytes <= 200_000
+    assert stored <= buf.bytes, "the buffer counts less than it stores"
+
+
+def test_stored_size_counts_headers_key_and_path() -> None:
+    small = Envelope("/api/s/track", {}, b"{}", 1, "k")
+    big = Envelope("/api/s/track?x=" + "q" * 100, {"User-Agent": "u" * 1000}, b"{}", 1, "k" * 50)
+    assert big.stored_size - small.stored_size >= 100 + 1000 + 49
+
+
+async def test_dead_letters_have_a_bound_of_their_own(make_proxy: Any, upstream: FakeJitsu) -> None:
+    proxy = await make_proxy(buffer={"max_dead_letter_bytes": 20_000})
+    ids = [f"d{i}" for i in range(60)]
+    upstream.reject = set(ids)
+    for mid in ids:
+        resp = await proxy.post(
+            "/api/s/track",
+            json={"event": "e", "messageId": mid, "properties": {"pad": "p" * 600}},
+            headers={"X-Write-Key": KEY},
+        )
+        assert resp.status == 200
+    buf = state(proxy).buffer
+    await _until(lambda: buf.rows == 0 and buf.dead_dropped_rows > 0)
+    await _until(lambda: buf.dead_bytes <= 20_000)
+    with sqlite3.connect(buf.dir / "buffer.db") as conn:
+        (on_disk,) = conn.execute("SELECT coalesce(sum(size), 0) FROM dead_letter").fetchone()
+        (kept,) = conn.execute("SELECT min(seq) FROM dead_letter").fetchone()
+    assert on_disk == buf.dead_bytes <= 20_000
+    assert kept > 1, "the oldest dead letters go first"
+    assert await metric(proxy, "proxy_dead_letters_dropped_total") == buf.dead_dropped_rows
+    assert buf.dead_rows + buf.dead_dropped_rows == 60
+
+
+async def test_request_size_limit_holds_whatever_the_encoding_says(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    proxy = await make_proxy(limits={"max_request_bytes": 1_000_000})
+    plain = b'{"batch":[{"type":"page","p":"' + b"x" * 2_000_000 + b'"}]}'
+    for encoding in ("gzip", "identity", ""):
+        resp = await proxy.post(
+            "/v1/batch", data=io.BytesIO(plain), headers={**HEADERS, "Content-Encoding": encoding}
+        )
+        assert resp.status == 413, encoding
+    assert upstream.received == []
