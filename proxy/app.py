@@ -26,10 +26,12 @@ from proxy.errors import (
     BufferError_,
     BufferFullError,
     IngestError,
+    OverloadedError,
     RateLimitedError,
 )
 from proxy.forwarder import Forwarder
 from proxy.metrics import Metrics
+from proxy.offload import Offload
 from proxy.ratelimit import TokenBuckets
 from proxy.script import ScriptCache, ScriptUnavailableError
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
@@ -61,6 +63,10 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
             {"error": str(exc)},
             status=429,
             headers={hdrs.RETRY_AFTER: str(max(1, math.ceil(exc.retry_after_s)))},
+        )
+    if isinstance(exc, OverloadedError):
+        return routes.json_response(
+            {"error": str(exc)}, status=503, headers={hdrs.RETRY_AFTER: "5"}
         )
     if isinstance(exc, BufferFullError):
         return routes.json_response(
@@ -137,7 +143,7 @@ def server_options(config: Config) -> dict[str, Any]:
 
 def create_app(config: Config) -> web.Application:
     # Bodies are read and capped by the handlers themselves; aiohttp's own cap must not be lower.
-    client_max = max(config.limits.max_request_bytes, config.limits.max_decompressed_bytes) + 1
+    client_max = config.limits.max_request_bytes + 1
     app = web.Application(middlewares=[edge_middleware], client_max_size=client_max)
     metrics = Metrics()
     buffer = Buffer.from_config(config.buffer)
@@ -152,6 +158,7 @@ def create_app(config: Config) -> web.Application:
         key_limits=TokenBuckets(
             config.security.rate_limit.per_key_rps, config.security.rate_limit.per_key_burst
         ),
+        offload=Offload(config.limits.inline_parse_bytes),
     )
     app[APP_STATE] = state
     metrics.gauges(
@@ -173,6 +180,30 @@ def create_app(config: Config) -> web.Application:
                 "0 while upstream is failing",
                 lambda: 0.0 if state.forwarder is not None and state.forwarder.failing else 1.0,
             ),
+            "proxy_upstream_redirected": (
+                "1 while upstream answers with redirects (not followed: upstream.url is wrong)",
+                lambda: float(state.forwarder is not None and bool(state.forwarder.redirected_to)),
+            ),
+            "proxy_rows_retrying_alone": (
+                "Rows parked after failing while others were delivered",
+                lambda: len(state.forwarder.parked) if state.forwarder is not None else 0,
+            ),
+            "proxy_dead_letter_bytes": (
+                "Bytes in the dead-letter store",
+                lambda: buffer.dead_bytes,
+            ),
+            "proxy_dead_letter_max_bytes": (
+                "Configured dead-letter bound",
+                lambda: buffer.max_dead_letter_bytes,
+            ),
+        }
+    )
+    metrics.counters(
+        {
+            "proxy_dead_letters_dropped": (
+                "Dead-letter rows dropped, oldest first, to keep the store under its bound",
+                lambda: buffer.dead_dropped_rows,
+            ),
         }
     )
     state.public_routes = routes.add_routes(app, config)
@@ -184,6 +215,7 @@ def create_app(config: Config) -> web.Application:
             refresh_s=config.script.refresh_s,
         )
     app.cleanup_ctx.append(_buffer_ctx)
+    app.cleanup_ctx.append(_offload_ctx)
     app.cleanup_ctx.append(_script_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
     app.on_shutdown.append(_on_shutdown)
@@ -195,6 +227,11 @@ async def _buffer_ctx(app: web.Application) -> AsyncIterator[None]:
     await buffer.open()
     yield
     await buffer.close()
+
+
+async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[APP_STATE].offload.close()
 
 
 async def _script_ctx(app: web.Application) -> AsyncIterator[None]:

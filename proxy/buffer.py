@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 DB_NAME = "buffer.db"
 LOCK_NAME = "proxy.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4A545355  # "JTSU"
 # Most operations one transaction may carry; bounds commit latency under a burst.
 MAX_GROUP = 1024
@@ -44,6 +44,12 @@ MIGRATIONS = {
     1: (
         "ALTER TABLE events ADD COLUMN method TEXT NOT NULL DEFAULT 'POST';"
         "ALTER TABLE dead_letter ADD COLUMN method TEXT NOT NULL DEFAULT 'POST';"
+    ),
+    # v3: `size` counts everything stored for a row (Envelope.stored_size), not just the body.
+    2: "".join(
+        f"UPDATE {table} SET size = length(body) + length(CAST(path AS BLOB))"
+        " + length(CAST(headers AS BLOB)) + length(CAST(key_id AS BLOB)) + 64;"
+        for table in ("events", "dead_letter")
     ),
 }
 
@@ -88,6 +94,8 @@ class Row:
     size: int
     events: int
     method: str = "POST"
+    # Why this row cannot be sent as stored (its headers do not decode), else None.
+    problem: str | None = None
 
 
 @dataclasses.dataclass
@@ -107,15 +115,22 @@ class Buffer:
         *,
         fsync: bool = True,
         min_free_bytes: int = 0,
+        max_dead_letter_bytes: int = 1 << 62,
     ) -> None:
         self.dir = Path(path)
         self.max_bytes = max_bytes
+        self.max_dead_letter_bytes = max_dead_letter_bytes
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.rows = 0
         self.bytes = 0
         self.events = 0
         self.dead_rows = 0
+        self.dead_bytes = 0
+        # Dead letters dropped (oldest first) to keep the store under its bound, since start.
+        self.dead_dropped_rows = 0
+        self.dead_dropped_events = 0
+        self._trimming = False
         self.last_error: str | None = None
         self.sqlite_settings: dict[str, str] = {}
         # Corrupt buffer files moved aside since start: {"path", "reason"}.
@@ -138,7 +153,11 @@ class Buffer:
     @classmethod
     def from_config(cls, config: BufferConfig) -> Buffer:
         return cls(
-            config.path, config.max_bytes, fsync=config.fsync, min_free_bytes=config.min_free_bytes
+            config.path,
+            config.max_bytes,
+            fsync=config.fsync,
+            min_free_bytes=config.min_free_bytes,
+            max_dead_letter_bytes=config.max_dead_letter_bytes,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -160,6 +179,7 @@ class Buffer:
             self._release_lock()
             raise
         self._writer = asyncio.create_task(self._write_loop(), name="buffer-writer")
+        self._writer.add_done_callback(self._writer_ended)
         if self.rows:
             self.new_data.set()
         log.info(
@@ -178,7 +198,8 @@ class Buffer:
         self._closing = True
         if self._writer is not None:
             await self._queue.put(None)
-            await self._writer
+            # A writer that already ended (and said why in the log) must not fail the close.
+            await asyncio.wait([self._writer])
         if self._executor is not None:
             with contextlib.suppress(sqlite3.Error):
                 await self._run(self._close_db)
@@ -264,7 +285,9 @@ class Buffer:
             rows, size, events = conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0) FROM events"
             ).fetchone()
-            (dead,) = conn.execute("SELECT count(*) FROM dead_letter").fetchone()
+            dead, dead_size = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM dead_letter"
+            ).fetchone()
             # Read back what SQLite actually does, so a silent default cannot hide.
             self.sqlite_settings = {
                 "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
@@ -283,7 +306,8 @@ class Buffer:
                 raise _CorruptError(str(exc)) from exc
             raise BufferError_(f"cannot open buffer {path}: {exc}") from exc
         self._conn = conn
-        self.rows, self.bytes, self.events, self.dead_rows = rows, size, events, dead
+        self.rows, self.bytes, self.events = rows, size, events
+        self.dead_rows, self.dead_bytes = dead, dead_size
 
     def _quarantine(self, reason: str) -> None:
         """Move the database and its -wal/-shm together (never split a WAL from its db)."""
@@ -321,7 +345,7 @@ class Buffer:
                         now,
                         env.key_id,
                         env.path,
-                        json.dumps(env.headers),
+                        env.headers_json,
                         env.body,
                         env.stored_size,
                         env.events,
@@ -364,6 +388,20 @@ class Buffer:
             )
             conn.execute(f"DELETE FROM dead_letter {where}", params)
             return count, size, events
+        if op.kind == "trim_dead":
+            # The oldest dead letters go first, until `excess` bytes are freed.
+            excess: int = op.args
+            freed = rows = events = 0
+            last = None
+            for seq, size, n in conn.execute(
+                "SELECT seq, size, events FROM dead_letter ORDER BY seq"
+            ):
+                if freed >= excess:
+                    break
+                freed, rows, events, last = freed + size, rows + 1, events + n, seq
+            if last is not None:
+                conn.execute("DELETE FROM dead_letter WHERE seq <= ?", (last,))
+            return rows, freed, events
         raise AssertionError(op.kind)
 
     def _commit_group(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
@@ -377,7 +415,7 @@ class Buffer:
             results = [self._apply(conn, op) for op in ops]
             conn.execute("COMMIT")
             return [(True, r) for r in results]
-        except sqlite3.Error as exc:
+        except Exception as exc:  # any failure fails the ops, never the writer (issue 7)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             if len(ops) == 1:
@@ -399,23 +437,48 @@ class Buffer:
             result = self._apply(conn, op)
             conn.execute("COMMIT")
             return True, result
-        except sqlite3.Error as exc:
+        except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             return False, exc
 
-    def _fetch(self, after: int, limit: int) -> list[Row]:
+    def _fetch(self, after: int, limit: int, skip: frozenset[int] = frozenset()) -> list[Row]:
         conn = self._conn
         assert conn is not None
-        cur = conn.execute(
-            "SELECT seq, received_at, key_id, path, headers, body, size, events, method"
-            " FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        )
-        return [
-            Row(seq, at, key_id, path, json.loads(headers), bytes(body), size, events, method)
-            for seq, at, key_id, path, headers, body, size, events, method in cur
-        ]
+        columns = "seq, received_at, key_id, path, headers, body, size, events, method"
+        if skip:
+            # Rows in flight or parked are passed over by seq alone, bodies unread.
+            seqs: list[int] = []
+            for (seq,) in conn.execute(
+                "SELECT seq FROM events WHERE seq > ? ORDER BY seq", (after,)
+            ):
+                if seq not in skip:
+                    seqs.append(seq)
+                    if len(seqs) >= limit:
+                        break
+            if not seqs:
+                return []
+            marks = ",".join("?" * len(seqs))
+            cur = conn.execute(
+                f"SELECT {columns} FROM events WHERE seq IN ({marks}) ORDER BY seq", seqs
+            )
+        else:
+            cur = conn.execute(
+                f"SELECT {columns} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            )
+        rows = []
+        for seq, at, key_id, path, headers, body, size, events, method in cur:
+            problem = None
+            try:
+                decoded = json.loads(headers)
+                if not isinstance(decoded, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                decoded, problem = {}, f"stored headers do not decode: {exc}"
+            rows.append(
+                Row(seq, at, key_id, path, decoded, bytes(body), size, events, method, problem)
+            )
+        return rows
 
     def _dead_letters(self, limit: int) -> list[dict[str, Any]]:
         conn = self._conn
@@ -467,7 +530,25 @@ class Buffer:
                     if not op.future.done():
                         op.future.set_exception(BufferError_(f"buffer write failed: {exc}"))
                 raise
-            self._settle(ops, results)
+            try:
+                self._settle(ops, results)
+            except Exception:  # a bug in the bookkeeping must not end the writer
+                log.exception("buffer_settle_failed")
+                for op in ops:
+                    if not op.future.done():
+                        op.future.set_exception(BufferError_("buffer bookkeeping failed"))
+
+    def _writer_ended(self, task: asyncio.Task[None]) -> None:
+        if self._closing:
+            return
+        error = "cancelled" if task.cancelled() else repr(task.exception())
+        self.last_error = f"buffer writer stopped: {error}"
+        log.error("buffer_writer_stopped", error=error)
+
+    @property
+    def alive(self) -> bool:
+        """False once the writer has ended without being asked to (then /healthz fails)."""
+        return self._closing or (self._writer is not None and not self._writer.done())
 
     def _settle(self, ops: list[_Op], results: list[tuple[bool, Any]]) -> None:
         inserted = False
@@ -489,13 +570,30 @@ class Buffer:
                     self.bytes += size
                     self.events += events
                     self.dead_rows -= count
+                    self.dead_bytes -= size
                     inserted = inserted or count > 0
+            elif op.kind == "trim_dead":
+                self._trimming = False
+                if ok and result[0]:
+                    rows, size, events = result
+                    self.dead_rows -= rows
+                    self.dead_bytes -= size
+                    self.dead_dropped_rows += rows
+                    self.dead_dropped_events += events
+                    log.warning(
+                        "dead_letters_dropped",
+                        rows=rows,
+                        events=events,
+                        bytes=size,
+                        max_dead_letter_bytes=self.max_dead_letter_bytes,
+                    )
             elif ok and result is not None:
                 self.rows -= 1
                 self.bytes -= result[0]
                 self.events -= result[1]
                 if op.kind == "dead_letter":
                     self.dead_rows += 1
+                    self.dead_bytes += result[0]
             if op.future.done():
                 continue
             if ok:
@@ -510,6 +608,18 @@ class Buffer:
                 op.future.set_exception(BufferError_(f"buffer write failed: {result}"))
         if inserted:
             self.new_data.set()
+        if self.dead_bytes > self.max_dead_letter_bytes and not self._trimming:
+            self._trim_dead_letters()
+
+    def _trim_dead_letters(self) -> None:
+        """Queue a trim of the dead-letter store back under its bound (buffer.max_dead_letter_
+        bytes): without a bound, anyone could fill the disk with events Jitsu refuses."""
+        self._trimming = True
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Down to 90 % of the bound, so that the trim is not repeated for every dead letter.
+        excess = self.dead_bytes - self.max_dead_letter_bytes * 9 // 10
+        self._queue.put_nowait(_Op("trim_dead", excess, future))
 
     async def _submit(self, kind: str, args: Any) -> Any:
         if self._closing or self._writer is None:
@@ -561,11 +671,12 @@ class Buffer:
             raise
         return result
 
-    async def fetch(self, after: int, limit: int) -> list[Row]:
+    async def fetch(self, after: int, limit: int, skip: frozenset[int] = frozenset()) -> list[Row]:
+        """Up to `limit` rows after seq `after`, oldest first, passing over those in `skip`."""
         if self._conn is None or self._executor is None:
             raise BufferClosedError("buffer is closed")
         try:
-            return await self._run(self._fetch, after, limit)
+            return await self._run(self._fetch, after, limit, skip)
         except sqlite3.Error as exc:
             raise BufferError_(f"buffer read failed: {exc}") from exc
 

@@ -10,7 +10,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # The *_created series double the output and nobody alerts on them.
@@ -26,6 +26,17 @@ class _GaugeCallbacks(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         for name, (doc, read) in self._gauges.items():
             yield GaugeMetricFamily(name, doc, value=read())
+
+
+class _CounterCallbacks(Collector):
+    """Counters kept by a component itself (the buffer's), read at scrape time."""
+
+    def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        for name, (doc, read) in self._counters.items():
+            yield CounterMetricFamily(name, doc, value=read())
 
 
 class Metrics:
@@ -56,6 +67,9 @@ class Metrics:
 
     def gauges(self, gauges: dict[str, tuple[str, Callable[[], float]]]) -> None:
         self.registry.register(_GaugeCallbacks(gauges))
+
+    def counters(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self.registry.register(_CounterCallbacks(counters))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

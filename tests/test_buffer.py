@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.buffer import DB_NAME, Buffer
+from proxy.buffer import DB_NAME, SCHEMA_VERSION, Buffer
 from proxy.envelope import Envelope
 from proxy.errors import BufferClosedError, BufferFullError, BufferLockedError
 from proxy.state import APP_STATE
@@ -75,15 +75,16 @@ async def test_group_commit_puts_concurrent_appends_in_few_transactions(tmp_path
 
 
 async def test_full_buffer_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
-    # Rows count 127 body + 12 path bytes: 9 fit, above the 90 % low-water mark.
-    buf = Buffer(tmp_path, 1_300)
+    # Every row has the same stored size: 9 fit, above the 90 % low-water mark.
+    size = envelope(0).stored_size
+    buf = Buffer(tmp_path, 9 * size + size // 3)
     await buf.open()
     for i in range(9):
         await buf.append([envelope(i)])
     with pytest.raises(BufferFullError) as info:
         await buf.append([envelope(9)])
     assert info.value.retry_after_s > 0
-    assert (buf.rows, buf.bytes) == (9, 9 * 139)
+    assert (buf.rows, buf.bytes) == (9, 9 * size)
     assert not buf.writable
     # Room comes back once the backlog drains below the low-water mark.
     await buf.delete(1)
@@ -186,6 +187,9 @@ async def test_a_version_1_buffer_is_migrated_with_its_rows(tmp_path: Path) -> N
     assert buf.quarantined == []
     (row,) = await buf.fetch(0, 10)
     assert (row.path, row.body, row.method) == ("/api/s/track", b"{}", "POST")
+    # v3 counts the whole row, as Envelope.stored_size does for new rows.
+    same = Envelope(row.path, {}, row.body, 1, row.key_id)
+    assert (row.size, buf.bytes) == (same.stored_size, same.stored_size)
     await buf.close()
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
