@@ -2,7 +2,11 @@
 
 Short blips are retried inside one request (aiohttp-retry). Past that the row simply stays in
 the buffer: the forwarder backs off and sends one probe at a time until upstream answers again,
-then drains the backlog. Nothing waits in memory but the rows in flight.
+then drains the backlog. Probes take turns over the backlog, so one row that always fails
+cannot pass for an outage; such a row is parked with a backoff of its own while the others go
+on, and dead-lettered after `upstream.retry.max_row_failures` lone failures (retry.RowFailures).
+Redirects are never followed: the write key goes to `upstream.url` and nowhere else.
+Nothing waits in memory but the rows in flight.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ from proxy.buffer import Buffer, Row
 from proxy.config import UpstreamConfig
 from proxy.errors import BufferError_
 from proxy.metrics import Metrics
-from proxy.retry import Backoff, Outcome, classify_status, parse_retry_after, rejection_in_body
+from proxy.retry import (
+    RETRY_STATUSES,
+    Backoff,
+    Outcome,
+    RowFailures,
+    RowVerdict,
+    classify_answer,
+    parse_retry_after,
+)
 
 log = structlog.get_logger("proxy.forwarder")
 
-RETRY_STATUSES = frozenset({408, 425, 429} | set(range(500, 600)) - {501})
 MAX_RESPONSE_BYTES = 64 * 1024
 
 
@@ -41,18 +52,29 @@ class Attempt:
     retry_after_s: float | None = None
     partial: str | None = None  # a batch upstream took only in part
     sent: bool = True
+    # Set when the failure was already counted (inside the request, by get_timeout).
+    verdict: RowVerdict | None = None
+    location: str | None = None  # where a redirect pointed
 
 
 class _HandBack(Exception):
     """Stop retrying inside the request; the buffer takes over the wait."""
 
     def __init__(
-        self, status: int | None, retry_after_s: float | None, *, sent: bool = True
+        self,
+        status: int | None,
+        retry_after_s: float | None,
+        *,
+        sent: bool = True,
+        verdict: RowVerdict | None = None,
+        location: str | None = None,
     ) -> None:
         super().__init__(status)
         self.status = status
         self.retry_after_s = retry_after_s
         self.sent = sent
+        self.verdict = verdict
+        self.location = location
 
 
 class _InRequestRetry(ExponentialRetry):
@@ -79,12 +101,16 @@ class _InRequestRetry(ExponentialRetry):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             response.close()  # aiohttp-retry does not release a response it retries
         fwd = self._forwarder
+        verdict = fwd.row_failures.failure(self._seq)
+        if verdict.lone:
+            # Others get through: this row's trouble is its own; no outage mode for it.
+            raise _HandBack(status, retry_after, verdict=verdict)
         if not fwd.failing:
             fwd.failing = True
             fwd.probe_seq = self._seq
         delay = fwd.backoff.delay(attempt, retry_after)
         if fwd.probe_seq != self._seq or fwd.stopping or delay > fwd.backoff.max_s:
-            raise _HandBack(status, retry_after)
+            raise _HandBack(status, retry_after, verdict=verdict)
         return delay
 
 
@@ -108,6 +134,13 @@ class Forwarder:
         self.retry_after_s: float | None = None
         self.next_probe_at = 0.0
         self.probe_seq: int | None = None
+        # While failing, probes take turns over the backlog, starting after this row.
+        self.probe_after = 0
+        self.row_failures = RowFailures(config.retry.max_row_failures)
+        # Rows taken off the head of the queue after lone failures: seq -> when to retry.
+        self.parked: dict[int, float] = {}
+        # The last redirect upstream answered with, until a request gets through again.
+        self.redirected_to: str | None = None
         self.cursor = 0
         self._rewinds = 0
         # Rows handed to a task and not yet settled in the buffer; `sending` of them are
@@ -143,6 +176,18 @@ class Forwarder:
     def start(self, session: aiohttp.ClientSession) -> None:
         self.client = RetryClient(client_session=session)
         self._task = asyncio.create_task(self._run(), name="forwarder")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self.stopping:
+            return
+        error = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("forwarder_stopped_unexpectedly", error=error)
+
+    @property
+    def alive(self) -> bool:
+        """False once the forwarding loop has ended without being asked to."""
+        return self.stopping or (self._task is not None and not self._task.done())
 
     async def stop(self, grace_s: float) -> None:
         """Stop pulling rows; give requests in flight `grace_s` to finish, then abandon them.
@@ -186,25 +231,47 @@ class Forwarder:
             self._slot_freed.clear()
             await self._slot_freed.wait()
             return
+        self._unpark_due()
         self.buffer.new_data.clear()
         rewinds = self._rewinds
-        rows = await self.buffer.fetch(self.cursor, free + len(self.inflight))
+        rows = await self.buffer.fetch(
+            self.cursor, free, skip=frozenset(self.inflight) | frozenset(self.parked)
+        )
         if self._rewinds != rewinds:
             # A row failed while we read: the cursor went back for it, and moving it forward
             # past these rows would skip that row until the next restart. Read again.
             return
-        rows = [r for r in rows if r.seq not in self.inflight][:free]
+        rows = [r for r in rows if r.seq not in self.inflight and r.seq not in self.parked]
         if not rows:
             self._slot_freed.clear()
-            await _first(self.buffer.new_data.wait(), self._slot_freed.wait())
+            waits: list[Any] = [self.buffer.new_data.wait(), self._slot_freed.wait()]
+            if self.parked:
+                due = min(self.parked.values()) - time.monotonic()
+                waits.append(asyncio.sleep(max(0.0, due)))
+            await _first(*waits)
             return
         for row in rows:
             self.cursor = max(self.cursor, row.seq)
-            self.sending += 1
-            self.inflight[row.seq] = asyncio.create_task(self._deliver(row), name=f"send-{row.seq}")
+            self._launch(row, f"send-{row.seq}")
+
+    def _launch(self, row: Row, name: str) -> asyncio.Task[None]:
+        self.sending += 1
+        self.row_failures.sent(row.seq)
+        task = asyncio.create_task(self._deliver(row), name=name)
+        self.inflight[row.seq] = task
+        return task
+
+    def _unpark_due(self) -> None:
+        now = time.monotonic()
+        due = [seq for seq, at in self.parked.items() if at <= now]
+        for seq in due:
+            del self.parked[seq]
+        if due:
+            self._rewind()
 
     async def _probe(self) -> None:
-        """While upstream fails: wait out the backoff, then send the oldest row alone."""
+        """While upstream fails: wait out the backoff, then send one row alone. Probes take
+        turns over the backlog: the oldest row may be one that always fails on its own."""
         while self.inflight:
             self._slot_freed.clear()
             await self._slot_freed.wait()
@@ -213,14 +280,15 @@ class Forwarder:
         delay = self.backoff.delay(self.failures, self.retry_after_s)
         self.next_probe_at = time.time() + delay
         await asyncio.sleep(delay)
-        rows = await self.buffer.fetch(0, 1)
+        rows = await self.buffer.fetch(self.probe_after, 1) or await self.buffer.fetch(0, 1)
         if not rows:
             self.failing = False
             return
-        self.probe_seq = rows[0].seq
-        self.sending += 1
-        task = asyncio.create_task(self._deliver(rows[0]), name=f"probe-{rows[0].seq}")
-        self.inflight[rows[0].seq] = task
+        row = rows[0]
+        self.probe_after = row.seq
+        self.parked.pop(row.seq, None)
+        self.probe_seq = row.seq
+        task = self._launch(row, f"probe-{row.seq}")
         try:
             await asyncio.shield(task)
         finally:
@@ -229,7 +297,7 @@ class Forwarder:
     async def _deliver(self, row: Row) -> None:
         try:
             try:
-                attempt = await self._send(row)
+                attempt = await self._attempt(row)
             finally:
                 # The slot is free once upstream answered; the row stays excluded from fetches
                 # (in `inflight`) until its delete or dead-letter is committed.
@@ -237,11 +305,20 @@ class Forwarder:
                 self._slot_freed.set()
             self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
             if attempt.outcome is Outcome.RETRY:
-                self._failed(row, attempt)
-                return
-            self.failing = False
-            self.failures = 0
-            self.retry_after_s = None
+                verdict = self._failed(row, attempt)
+                if verdict is None or not verdict.dead:
+                    return
+                attempt = dataclasses.replace(
+                    attempt,
+                    outcome=Outcome.REJECTED,
+                    reason=f"{attempt.reason}; failed {verdict.failures} times while other"
+                    " events were delivered",
+                )
+                self.row_failures.forget(row.seq)
+            else:
+                # Delivered or refused by Jitsu itself: either way, upstream works.
+                self.row_failures.ok(row.seq)
+                self._recovered()
             tries = self.attempts.pop(row.seq, 1)
             if attempt.outcome is Outcome.DELIVERED and attempt.partial is None:
                 await self.buffer.delete(row.seq)
@@ -270,17 +347,66 @@ class Forwarder:
                 self.probe_seq = None
             self._slot_freed.set()
 
+    async def _attempt(self, row: Row) -> Attempt:
+        """One delivery attempt; whatever goes wrong in it is an outcome, never an escape
+        that would leave the row unsettled and skipped until the next restart."""
+        if row.problem is not None:
+            return Attempt(Outcome.REJECTED, None, f"row cannot be sent: {row.problem}")
+        try:
+            return await self._send(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("forwarder_send_failed", seq=row.seq)
+            key = row.headers.get("X-Write-Key")
+            reason = redact(f"internal error: {type(exc).__name__}: {exc}", key)
+            return Attempt(Outcome.RETRY, None, reason)
+
+    def _recovered(self) -> None:
+        """Upstream gave an answer that is not trouble: not failing any more."""
+        self.failing = False
+        self.failures = 0
+        self.retry_after_s = None
+        self.probe_after = 0
+        if self.redirected_to is not None:
+            log.info("upstream_redirect_cleared")
+            self.redirected_to = None
+
     def _rewind(self) -> None:
         self.cursor = 0
         self._rewinds += 1
 
-    def _failed(self, row: Row, attempt: Attempt) -> None:
+    def _failed(self, row: Row, attempt: Attempt) -> RowVerdict | None:
+        """A retryable failure: park the row if it fails alone, else upstream is failing."""
         self._rewind()  # resend from the oldest row once upstream is back
         if not attempt.sent:
-            return  # handed back before it was sent: nothing new was learnt about upstream
+            return None  # handed back before it was sent: nothing new was learnt about upstream
+        verdict = attempt.verdict or self.row_failures.failure(row.seq)
+        if attempt.location is not None:
+            if self.redirected_to is None:
+                log.error(
+                    "upstream_redirect",
+                    status=attempt.status,
+                    location=attempt.location,
+                    hint="redirects are not followed; fix upstream.url",
+                )
+            self.redirected_to = attempt.location
+        if verdict.lone:
+            if not verdict.dead:
+                delay = self.backoff.delay(verdict.failures, attempt.retry_after_s)
+                self.parked[row.seq] = time.monotonic() + delay
+                log.warning(
+                    "upstream_retry_row",
+                    seq=row.seq,
+                    status=attempt.status,
+                    reason=attempt.reason,
+                    lone_failures=verdict.failures,
+                    retry_in_s=round(delay, 3),
+                )
+            return verdict
         self.failing = True
         if self.probe_seq not in (None, row.seq):
-            return  # another request is the probe; only its failures shape the backoff
+            return verdict  # another request is the probe; only its failures shape the backoff
         self.failures += 1
         self.retry_after_s = attempt.retry_after_s
         log.warning(
@@ -291,6 +417,7 @@ class Forwarder:
             failures=self.failures,
             retry_after_s=attempt.retry_after_s,
         )
+        return verdict
 
     async def _send(self, row: Row) -> Attempt:
         key = row.headers.get("X-Write-Key")
@@ -302,6 +429,8 @@ class Forwarder:
                 data=row.body or None,
                 headers=row.headers,
                 timeout=self.timeout,
+                # The key goes to upstream.url and nowhere else (issue 7, finding 2).
+                allow_redirects=False,
                 trace_request_ctx={"seq": row.seq},
                 retry_options=_InRequestRetry(self, self.config.retry.request_attempts, row.seq),
             ) as resp:
@@ -309,9 +438,18 @@ class Forwarder:
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 jitsu_error = resp.headers.get("X-Jitsu-Error")
+                location = resp.headers.get("Location") if 300 <= status < 400 else None
         except _HandBack as hb:
             reason = f"upstream answered {hb.status}" if hb.status else "transport error"
-            return Attempt(Outcome.RETRY, hb.status, reason, hb.retry_after_s, sent=hb.sent)
+            return Attempt(
+                Outcome.RETRY,
+                hb.status,
+                reason,
+                hb.retry_after_s,
+                sent=hb.sent,
+                verdict=hb.verdict,
+                location=hb.location,
+            )
         except (aiohttp.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
             # The stored request itself cannot be sent (a header or URL aiohttp refuses):
             # retrying cannot help, and it must not sit at the head of the queue for ever.
@@ -320,16 +458,18 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             reason = redact(f"transport error: {type(exc).__name__}: {exc}", key)
             return Attempt(Outcome.RETRY, None, reason)
-        outcome = classify_status(status)
-        excerpt = redact(body[:512].decode("utf-8", "replace"), key)
+        outcome, reason = classify_answer(row.method, status, body, jitsu_error)
+        reason = redact(reason, key)
         if outcome is Outcome.RETRY:
-            return Attempt(outcome, status, f"upstream answered {status}", retry_after)
+            return Attempt(
+                outcome,
+                status,
+                reason,
+                retry_after,
+                location=None if location is None else _without_query(location),
+            )
         if outcome is Outcome.REJECTED:
-            return Attempt(outcome, status, f"upstream answered {status}: {excerpt}")
-        # The pixel answers 200 with a GIF and puts its refusal in a header (research §2.4).
-        refused = jitsu_error or rejection_in_body(status, body)
-        if refused is not None:
-            return Attempt(Outcome.REJECTED, status, f"upstream refused: {redact(refused, key)}")
+            return Attempt(outcome, status, reason[:1024])
         return Attempt(outcome, status, "ok", partial=_partial_batch(body, key))
 
     # ---- state for health and metrics ------------------------------------------------------
@@ -338,6 +478,8 @@ class Forwarder:
         return {
             "failing": self.failing,
             "consecutive_failures": self.failures,
+            "redirected_to": self.redirected_to,
+            "rows_retrying_alone": len(self.parked),
             "in_flight": self.sending,
             "next_probe_in_s": round(max(0.0, self.next_probe_at - time.time()), 3)
             if self.failing
@@ -358,6 +500,11 @@ def _partial_batch(body: bytes, key: str | None) -> str | None:
         return None
     joined = "; ".join(str(e) for e in errors[:20])
     return redact(f"upstream rejected {len(errors)} event(s) of the batch: {joined}", key)
+
+
+def _without_query(url: str) -> str:
+    """A Location for the log: no query string, which may carry anything."""
+    return url.split("?", 1)[0].split("#", 1)[0][:200]
 
 
 async def _first(*aws: Any) -> None:

@@ -1,7 +1,10 @@
 """What to do with an upstream answer (deliver, retry, dead-letter) and how long to wait.
 
 Classification follows Vector's default strategy (reliability notes §3.1): transport errors,
-timeouts, 408, 425, 429 and 5xx except 501 are retried; every other non-2xx is permanent.
+timeouts, 408, 425, 429 and 5xx except 501 are retried. Beyond that, only Jitsu's own verdict on
+an event dead-letters it (issue 7): a redirect, a 404 from an ingress, an HTML error page are
+trouble between us and Jitsu, retried like an outage. A row that fails alone, while others go
+through, is told apart from an outage by `RowFailures`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import time
 from enum import StrEnum
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# Every status retried, inside a request (aiohttp-retry) and from the buffer.
+RETRY_STATUSES = frozenset(RETRYABLE_STATUSES | set(range(500, 600)) - {501})
+# Jitsu's ingest routes exist: a 404 or 405 there comes from something in between.
+NOT_JITSU_STATUSES = frozenset({404, 405})
 
 
 class Outcome(StrEnum):
@@ -24,11 +31,117 @@ class Outcome(StrEnum):
 
 
 def classify_status(status: int) -> Outcome:
+    """By the status alone; a REJECTED still needs Jitsu's body to be a verdict
+    (classify_answer). A redirect is never followed (it would hand the key to another host,
+    and turn a POST into a body-less GET): it means upstream.url is wrong, so retry."""
     if 200 <= status < 300:
         return Outcome.DELIVERED
-    if status in RETRYABLE_STATUSES or (500 <= status < 600 and status != 501):
+    if status in RETRY_STATUSES or 300 <= status < 400:
         return Outcome.RETRY
     return Outcome.REJECTED
+
+
+def classify_answer(
+    method: str, status: int, body: bytes, jitsu_error: str | None = None
+) -> tuple[Outcome, str]:
+    """The outcome of an upstream answer, with its reason (for the log and the dead letter)."""
+    outcome = classify_status(status)
+    if outcome is Outcome.RETRY:
+        if 300 <= status < 400:
+            return outcome, f"upstream answered {status} (a redirect): is upstream.url right?"
+        return outcome, f"upstream answered {status}"
+    if method == "GET":
+        # The pixel: 200 with a GIF, its refusal in a header (research notes §2.4).
+        if outcome is Outcome.DELIVERED:
+            if jitsu_error:
+                return Outcome.REJECTED, f"upstream refused: {jitsu_error}"
+            return outcome, "ok"
+        return Outcome.RETRY, f"upstream answered {status}, not Jitsu's pixel answer"
+    payload = _json_object(body)
+    if outcome is Outcome.DELIVERED:
+        if payload is None:
+            # Jitsu always answers JSON; a 200 HTML page is a wrong URL or a portal.
+            return Outcome.RETRY, f"upstream answered {status} without Jitsu's JSON answer"
+        refused = rejection_in_body(status, body)
+        if refused is not None:
+            return Outcome.REJECTED, f"upstream refused: {refused}"
+        return outcome, "ok"
+    error = payload.get("error") if payload is not None else None
+    if status in NOT_JITSU_STATUSES or not isinstance(error, str) or not error:
+        return Outcome.RETRY, f"upstream answered {status}, not Jitsu's verdict on the event"
+    return Outcome.REJECTED, f"upstream answered {status}: {error}"
+
+
+def _json_object(body: bytes) -> dict[str, object] | None:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+@dataclasses.dataclass
+class _Mark:
+    delivered: int
+    failed: int
+    lone: int = 0  # failures while others went through
+    strikes: int = 0  # of those, failures while upstream was clearly healthy for others
+
+
+@dataclasses.dataclass(frozen=True)
+class RowVerdict:
+    # Handle this row on its own (park it), not as an outage: others went through since it
+    # was last sent or failed, or they did at an earlier failure of it and nothing was
+    # delivered since (with no traffic to compare, it stays a suspect).
+    lone: bool
+    failures: int  # lone failures so far: the exponent of the row's own backoff
+    dead: bool  # it has failed alone often enough: dead-letter it
+
+
+class RowFailures:
+    """Tells a row that keeps failing while others go through (a poison event, upstream's
+    problem with that one request) from an outage, where every row fails (issue 7, finding 3).
+
+    A failure is *lone* when some other row was delivered since this row was sent or last
+    failed: the row is then taken off the head of the queue with a backoff of its own, and
+    the forwarder does not go into outage mode. It is a *strike* when, in that time, at least
+    four in five attempts of other rows went through (a flapping upstream does not count).
+    `max_strikes` strikes dead-letter the row. In an outage nothing is delivered, so nothing
+    strikes, and nothing is dead-lettered."""
+
+    def __init__(self, max_strikes: int) -> None:
+        self.max_strikes = max_strikes
+        self.delivered = 0
+        self.failed = 0
+        self._rows: dict[int, _Mark] = {}
+
+    def sent(self, seq: int) -> None:
+        if seq not in self._rows:
+            self._rows[seq] = _Mark(self.delivered, self.failed)
+
+    def ok(self, seq: int) -> None:
+        self.delivered += 1
+        self._rows.pop(seq, None)
+
+    def forget(self, seq: int) -> None:
+        self._rows.pop(seq, None)
+
+    def failure(self, seq: int) -> RowVerdict:
+        mark = self._rows.setdefault(seq, _Mark(self.delivered, self.failed))
+        ok_since = self.delivered - mark.delivered
+        others_failed = self.failed - mark.failed
+        self.failed += 1
+        suspect = mark.lone > 0
+        if ok_since > 0:
+            mark.lone += 1
+            if others_failed * 4 <= ok_since:
+                mark.strikes += 1
+        mark.delivered, mark.failed = self.delivered, self.failed
+        lone = ok_since > 0 or (suspect and others_failed == 0)
+        return RowVerdict(lone, mark.lone, mark.strikes >= self.max_strikes)
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 def rejection_in_body(status: int, body: bytes) -> str | None:

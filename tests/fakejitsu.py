@@ -47,6 +47,9 @@ class Answer:
     reset: bool = False
     # Answer only once the test sets this event.
     hold: asyncio.Event | None = None
+    # A plain-text or HTML body instead of JSON (an ingress, a load balancer, a portal).
+    text: str | None = None
+    content_type: str = "text/plain"
 
 
 def reset() -> Answer:
@@ -179,6 +182,13 @@ class FakeJitsu:
                 assert request.transport is not None
                 request.transport.abort()
                 return web.Response(status=499)
+            if answer.text is not None:
+                return web.Response(
+                    text=answer.text,
+                    status=answer.status,
+                    headers=answer.headers,
+                    content_type=answer.content_type,
+                )
             return web.json_response(answer.body, status=answer.status, headers=answer.headers)
         finally:
             self.in_flight -= 1

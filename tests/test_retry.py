@@ -25,8 +25,8 @@ NOW = WHEN - 30
         (201, Outcome.DELIVERED),
         (204, Outcome.DELIVERED),
         (299, Outcome.DELIVERED),
-        (301, Outcome.REJECTED),
-        (304, Outcome.REJECTED),
+        (301, Outcome.RETRY),  # a redirect is never followed: upstream.url is wrong
+        (304, Outcome.RETRY),
         (400, Outcome.REJECTED),
         (401, Outcome.REJECTED),
         (402, Outcome.REJECTED),  # Jitsu billing throttle: retrying will not help

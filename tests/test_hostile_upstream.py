@@ -1,0 +1,149 @@
+"""A misbehaving upstream (issue 7, findings 2-4): redirects, one event that always fails, an
+ingress that answers for Jitsu. Only Jitsu's verdicts dead-letter; nothing stalls the rest; the
+write key goes to upstream.url and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.fakejitsu import Answer, FakeJitsu, Received
+from tests.test_forwarding import KEY, _until, send, state
+
+SECRET = KEY.split(":", 1)[1]
+
+
+@pytest.fixture
+async def elsewhere() -> AsyncIterator[FakeJitsu]:
+    """Another host a redirect points at: it must never hear from us."""
+    fake = FakeJitsu()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def metric(proxy: TestClient[Any, Any], name: str) -> float:
+    text = await (await proxy.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_redirects_are_not_followed_and_lose_nothing(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, elsewhere: FakeJitsu, status: int
+) -> None:
+    upstream.fault = lambda _rec: Answer(
+        status, {}, {"Location": f"{elsewhere.url}/api/s/track?x=1"}
+    )
+    for i in range(3):
+        await send(proxy, f"r{i}")
+    fwd = state(proxy).forwarder
+    await _until(lambda: fwd.redirected_to is not None and fwd.failures >= 2)
+
+    assert elsewhere.received == [], "the event and its key went to another host"
+    assert state(proxy).buffer.rows == 3 and state(proxy).buffer.dead_rows == 0
+    ready = await (await proxy.get("/readyz")).json()
+    assert ready["upstream"]["redirected_to"] == f"{elsewhere.url}/api/s/track"
+    assert await metric(proxy, "proxy_upstream_redirected") == 1
+
+    upstream.fault = None  # upstream.url fixed (here: upstream stops redirecting)
+    await upstream.wait_for(lambda f: len(f.delivered_set) == 3)
+    await _until(lambda: state(proxy).buffer.rows == 0 and fwd.redirected_to is None)
+    assert elsewhere.received == []
+    assert await metric(proxy, "proxy_upstream_redirected") == 0
+
+
+async def test_one_event_that_always_fails_does_not_hold_back_the_rest(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    proxy = await make_proxy(upstream={"retry": {"max_row_failures": 3}})
+
+    def poison(rec: Received) -> Answer | None:
+        return Answer(500, {"error": "panic"}) if "bad" in rec.message_ids else None
+
+    upstream.fault = poison
+    await send(proxy, "bad")
+    good = [f"g{i}" for i in range(20)]
+    for mid in good:
+        await send(proxy, mid)
+    await upstream.wait_for(lambda f: f.delivered_set >= set(good), timeout=10)
+
+    # The bad row leaves the queue within a bounded number of attempts, with its reason, as
+    # long as other events keep showing that upstream works (the site keeps sending).
+    buf = state(proxy).buffer
+    for i in range(200):
+        if buf.dead_rows:
+            break
+        await send(proxy, f"later{i}")
+        await asyncio.sleep(0.05)
+    await _until(lambda: buf.dead_rows == 1 and buf.rows == 0, timeout=20)
+    (dead,) = await buf.dead_letters()
+    assert dead["status"] == 500
+    assert "while other events were delivered" in dead["reason"]
+    attempts = sum(1 for r in upstream.received if "bad" in r.message_ids)
+    assert attempts <= 3 * 3 + 3, f"the bad row was sent {attempts} times"
+
+
+async def test_during_an_outage_nothing_is_dead_lettered(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    proxy = await make_proxy(upstream={"retry": {"max_row_failures": 2}})
+    upstream.fault = lambda _rec: Answer(503, {"error": "producer error"})
+    for i in range(20):
+        await send(proxy, f"o{i}")
+    fwd = state(proxy).forwarder
+    await _until(lambda: fwd.failures >= 8)
+    upstream.fault = None
+    await upstream.wait_for(lambda f: len(f.delivered_set) == 20)
+    await _until(lambda: state(proxy).buffer.rows == 0)
+    assert state(proxy).buffer.dead_rows == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(404, text="default backend - 404"),  # an ingress during a rollout
+        Answer(404, {"error": "not found"}),  # JSON, but Jitsu's ingest routes exist
+        Answer(405, text="Method Not Allowed"),
+        Answer(403, text="<html><body>Forbidden</body></html>", content_type="text/html"),
+        Answer(400, text="<html>400 Bad Request (nginx)</html>", content_type="text/html"),
+        Answer(200, text="<html>Welcome to nginx!</html>", content_type="text/html"),
+    ],
+    ids=["ingress-404", "json-404", "405", "html-403", "html-400", "html-200"],
+)
+async def test_answers_that_are_not_jitsus_verdict_are_retried(
+    make_proxy: Any, upstream: FakeJitsu, answer: Answer
+) -> None:
+    proxy = await make_proxy(upstream={"retry": {"max_row_failures": 2}})
+    upstream.fault = lambda _rec: answer
+    for i in range(10):
+        await send(proxy, f"n{i}")
+    fwd = state(proxy).forwarder
+    await _until(lambda: fwd.failures >= 3)
+    assert state(proxy).buffer.dead_rows == 0
+    upstream.fault = None
+    await upstream.wait_for(lambda f: len(f.delivered_set) == 10)
+    await _until(lambda: state(proxy).buffer.rows == 0)
+    assert state(proxy).buffer.dead_rows == 0
+
+
+async def test_jitsus_own_verdict_still_dead_letters(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    upstream.reject = {"refused"}
+    await send(proxy, "refused")
+    await send(proxy, "fine")
+    await upstream.wait_for(lambda f: "fine" in f.delivered_set)
+    buf = state(proxy).buffer
+    await _until(lambda: buf.dead_rows == 1 and buf.rows == 0)
+    (dead,) = await buf.dead_letters()
+    assert (dead["status"], dead["reason"]) == (
+        400,
+        "upstream answered 400: event error: rejected by test",
+    )
