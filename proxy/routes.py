@@ -290,14 +290,15 @@ async def pixel(request: web.Request) -> web.Response:
     request[BROWSER_ROUTE] = True
     headers = dict(cookies.NO_CACHE)
     set_cookies: list[str] = []
+    # From here on only this one-value-per-name copy of the query is read.
+    query = env.pixel_query(request.query.items())
     try:
         client_ip = _client_ip(request, state)
         _limit_ip(state, client_ip)
-        key = find_write_key(request.headers, request.query) or _host_key(request, state)
+        key = find_write_key(request.headers, query) or _host_key(request, state)
         _admit(request, state, key, strict=False)
         event_type = request.match_info["type"]
-        event = env.pixel_event(request.query, event_type)
-        query = dict(request.query)
+        event = env.pixel_event(query, event_type)
         if not event.get("messageId"):
             query["messageId"] = str(uuid.uuid4())
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
@@ -325,7 +326,7 @@ async def pixel(request: web.Request) -> web.Response:
         await _commit(request, state, envelope)
     except IngestError as exc:
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
-    destination = request.query.get("destination_url", "")
+    destination = query.get("destination_url", "")
     if "X-Jitsu-Error" not in headers and cookies.valid_destination(
         destination, _hostname(request)
     ):
