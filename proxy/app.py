@@ -102,8 +102,12 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response = error_response(request, exc)
         status = response.status
         origin = request.headers.get(hdrs.ORIGIN)
-        if public and origin and request.method != hdrs.METH_OPTIONS:
-            response.headers.update(routes.cors_headers(origin))
+        if public:
+            # A public route's answer echoes the Origin, or lacks CORS headers when none was
+            # sent: a shared cache must key it by Origin (issue 7, finding 11).
+            _vary(response, hdrs.ORIGIN)
+            if origin and request.method != hdrs.METH_OPTIONS:
+                response.headers.update(routes.cors_headers(origin))
         return response
     finally:
         if public and request.method == hdrs.METH_POST:
@@ -118,6 +122,13 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             key_id=request.get(KEY_ID, ""),
         )
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _vary(response: web.StreamResponse, name: str) -> None:
+    """Add `name` to the answer's Vary, keeping what the handler put there."""
+    present = [t.strip() for t in response.headers.get(hdrs.VARY, "").split(",") if t.strip()]
+    if name.lower() not in {t.lower() for t in present} and "*" not in present:
+        response.headers[hdrs.VARY] = ", ".join([*present, name])
 
 
 def server_options(config: Config) -> dict[str, Any]:
