@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -249,9 +252,28 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "pass"})
 
 
+def relative_to_buffer(text: str, buffer_dir: Path) -> str:
+    """`text` with the buffer directory's absolute path taken out, so that files in it are
+    named relative to buffer.path: an answer must not map the host's filesystem (issue 7,
+    finding 11c)."""
+    # The directory itself becomes "."; a longer name that merely starts alike is left.
+    return re.sub(
+        re.escape(os.path.abspath(buffer_dir)) + r"(/|(?![^\s'\":;,)\]]))",
+        lambda m: "" if m.group(1) else ".",
+        text,
+    )
+
+
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[APP_STATE]
     buf = state.buffer
+    quarantined = [
+        {
+            "path": str(Path(moved["path"]).relative_to(buf.dir)),
+            "reason": relative_to_buffer(moved["reason"], buf.dir),
+        }
+        for moved in buf.quarantined
+    ]
     ready = buf.writable and not state.draining
     # "warn": serving, but something needs a person (a corrupt buffer was moved aside).
     status = "fail" if not ready else "warn" if buf.quarantined else "pass"
@@ -266,8 +288,8 @@ async def readyz(request: web.Request) -> web.Response:
             "dead_letter_rows": buf.dead_rows,
             "fsync": buf.fsync,
             "sqlite": buf.sqlite_settings,
-            "last_error": buf.last_error,
-            "quarantined": buf.quarantined,
+            "last_error": buf.last_error and relative_to_buffer(buf.last_error, buf.dir),
+            "quarantined": quarantined,
         },
         "draining": state.draining,
     }

@@ -4,11 +4,16 @@ port, and no filesystem paths in any answer."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy import routes
+from proxy.buffer import DB_NAME
+from tests.conftest import ProxyFactory
 from tests.fakejitsu import FakeJitsu
 
 KEY = "expKeyId:expSecret"
@@ -74,3 +79,33 @@ async def test_own_endpoints_do_not_vary_on_origin(proxy: TestClient[Any, Any], 
     assert resp.status == 200
     assert "Access-Control-Allow-Origin" not in resp.headers
     assert "origin" not in vary(resp)
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+async def test_readyz_shows_paths_relative_to_the_buffer_directory(
+    make_proxy: ProxyFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative: bool
+) -> None:
+    buffer_dir = tmp_path / "buffer"
+    buffer_dir.mkdir()
+    (buffer_dir / DB_NAME).write_bytes(b"this is not sqlite at all" * 100)
+    if relative:
+        monkeypatch.chdir(tmp_path)
+    proxy = await make_proxy(buffer={"path": "./buffer" if relative else str(buffer_dir)})
+    resp = await proxy.get("/readyz")
+    text = await resp.text()
+    assert str(tmp_path) not in text
+    body = json.loads(text)
+    assert resp.status == 200 and body["status"] == "warn"
+    (moved,) = body["buffer"]["quarantined"]
+    assert moved["path"].startswith("quarantine/buffer.corrupt-")
+    assert (buffer_dir / moved["path"] / DB_NAME).is_file(), "the path shown is where it is"
+
+
+def test_error_texts_name_buffer_files_relative_to_the_buffer_directory(tmp_path: Path) -> None:
+    buffer_dir = tmp_path / "buffer"
+    text = f"[Errno 28] No space left on device: '{buffer_dir}/buffer.db-wal' in {buffer_dir}"
+    assert routes.relative_to_buffer(text, buffer_dir) == (
+        "[Errno 28] No space left on device: 'buffer.db-wal' in ."
+    )
+    sibling = f"{buffer_dir}2/x"
+    assert routes.relative_to_buffer(sibling, buffer_dir) == sibling
