@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 
 from proxy import routes
 from proxy.buffer import Buffer
-from proxy.clientip import parse_networks
+from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import (
     BufferClosedError,
@@ -97,6 +97,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     status = 500  # what the log says if the handler never finishes (cancelled)
     try:
         try:
+            _check_listener(request, state, route)
             response = await handler(request)
         except Exception as exc:
             response = error_response(request, exc)
@@ -122,6 +123,31 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             key_id=request.get(KEY_ID, ""),
         )
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+# What may reveal the buffer, the upstream state and the traffic (issue 7, finding 11b).
+ADMIN_ROUTES = frozenset({"/readyz", "/metrics"})
+# The admin listener serves these and nothing else: it is not a second door for events.
+ADMIN_LISTENER_ROUTES = ADMIN_ROUTES | {"/healthz"}
+
+
+def _check_listener(request: web.Request, state: AppState, route: str) -> None:
+    """With server.admin_port, the admin endpoints answer there only; without, only to the
+    clients in server.admin_allow. Refused as an unknown path is, with 404."""
+    server = state.config.server
+    if server.admin_port:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        on_admin = isinstance(sockname, tuple) and sockname[1] == server.admin_port
+        if on_admin and route not in ADMIN_LISTENER_ROUTES:
+            raise web.HTTPNotFound()
+        if not on_admin and route in ADMIN_ROUTES:
+            raise web.HTTPNotFound()
+    elif route in ADMIN_ROUTES and state.admin_allow:
+        client = resolve_client_ip(
+            request.remote, request.headers, state.trusted_proxies, server.client_ip_headers
+        )
+        if not is_trusted(client, state.admin_allow):
+            raise web.HTTPNotFound()
 
 
 def _vary(response: web.StreamResponse, name: str) -> None:
@@ -156,6 +182,7 @@ def create_app(config: Config) -> web.Application:
         config=config,
         metrics=metrics,
         trusted_proxies=parse_networks(config.server.trusted_proxies),
+        admin_allow=parse_networks(config.server.admin_allow),
         buffer=buffer,
         ip_limits=TokenBuckets(
             config.security.rate_limit.per_ip_rps, config.security.rate_limit.per_ip_burst
