@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -61,20 +62,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     upstream = urlsplit(config.upstream.url)
+    server = config.server
     log.info(
         "proxy_starting",
         version=__version__,
-        host=config.server.host,
-        port=config.server.port,
+        host=server.host,
+        port=server.port,
+        admin=f"{server.admin_host}:{server.admin_port}" if server.admin_port else "",
         upstream=f"{upstream.scheme}://{upstream.hostname}:{upstream.port or ''}".rstrip(":"),
         buffer=config.buffer.path,
     )
     try:
+        # One app on both listeners; the app tells them apart by the port a request came in on.
+        admin = [_listen(server.admin_host, server.admin_port)] if server.admin_port else []
         web.run_app(
             create_app(config),
-            host=config.server.host,
-            port=config.server.port,
-            shutdown_timeout=config.server.shutdown_timeout_s,
+            host=server.host,
+            port=server.port,
+            sock=admin,
+            shutdown_timeout=server.shutdown_timeout_s,
             access_log=None,
             print=None,
             **server_options(config),
@@ -87,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("proxy_stopped")
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for the admin listener (the public one aiohttp opens itself)."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return socket.create_server(address, family=family)
 
 
 if __name__ == "__main__":

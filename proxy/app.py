@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 
 from proxy import routes
 from proxy.buffer import Buffer
-from proxy.clientip import parse_networks
+from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import (
     BufferClosedError,
@@ -103,13 +103,18 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     status = 500  # what the log says if the handler never finishes (cancelled)
     try:
         try:
+            _check_listener(request, state, route)
             response = await handler(request)
         except Exception as exc:
             response = error_response(request, exc)
         status = response.status
         origin = request.headers.get(hdrs.ORIGIN)
-        if public and origin and request.method != hdrs.METH_OPTIONS:
-            response.headers.update(routes.cors_headers(origin))
+        if public:
+            # A public route's answer echoes the Origin, or lacks CORS headers when none was
+            # sent: a shared cache must key it by Origin (issue 7, finding 11).
+            _vary(response, hdrs.ORIGIN)
+            if origin and request.method != hdrs.METH_OPTIONS:
+                response.headers.update(routes.cors_headers(origin))
         return response
     finally:
         if public and request.method == hdrs.METH_POST:
@@ -124,6 +129,38 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             key_id=request.get(KEY_ID, ""),
         )
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+# What may reveal the buffer, the upstream state and the traffic (issue 7, finding 11b).
+ADMIN_ROUTES = frozenset({"/readyz", "/metrics"})
+# The admin listener serves these and nothing else: it is not a second door for events.
+ADMIN_LISTENER_ROUTES = ADMIN_ROUTES | {"/healthz"}
+
+
+def _check_listener(request: web.Request, state: AppState, route: str) -> None:
+    """With server.admin_port, the admin endpoints answer there only; without, only to the
+    clients in server.admin_allow. Refused as an unknown path is, with 404."""
+    server = state.config.server
+    if server.admin_port:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        on_admin = isinstance(sockname, tuple) and sockname[1] == server.admin_port
+        if on_admin and route not in ADMIN_LISTENER_ROUTES:
+            raise web.HTTPNotFound()
+        if not on_admin and route in ADMIN_ROUTES:
+            raise web.HTTPNotFound()
+    elif route in ADMIN_ROUTES and state.admin_allow:
+        client = resolve_client_ip(
+            request.remote, request.headers, state.trusted_proxies, server.client_ip_headers
+        )
+        if not is_trusted(client, state.admin_allow):
+            raise web.HTTPNotFound()
+
+
+def _vary(response: web.StreamResponse, name: str) -> None:
+    """Add `name` to the answer's Vary, keeping what the handler put there."""
+    present = [t.strip() for t in response.headers.get(hdrs.VARY, "").split(",") if t.strip()]
+    if name.lower() not in {t.lower() for t in present} and "*" not in present:
+        response.headers[hdrs.VARY] = ", ".join([*present, name])
 
 
 def server_options(config: Config) -> dict[str, Any]:
@@ -151,6 +188,7 @@ def create_app(config: Config) -> web.Application:
         config=config,
         metrics=metrics,
         trusted_proxies=parse_networks(config.server.trusted_proxies),
+        admin_allow=parse_networks(config.server.admin_allow),
         buffer=buffer,
         ip_limits=TokenBuckets(
             config.security.rate_limit.per_ip_rps, config.security.rate_limit.per_ip_burst

@@ -49,6 +49,13 @@ class ServerConfig:
     max_headers: int = 100
     # Longest request line or single header field, in bytes (aiohttp answers 400 beyond it).
     max_header_bytes: int = 8190
+    # A second listener for /metrics and /readyz (and /healthz), so that they need not face the
+    # internet; the public port then answers them 404. 0: off, everything on `port`.
+    admin_port: int = 0
+    admin_host: str = "127.0.0.1"
+    # Without an admin port: the client IPs (CIDRs, resolved through trusted_proxies) that may
+    # read /metrics and /readyz on the public port; others get 404. Empty: anyone.
+    admin_allow: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +361,8 @@ def _check(config: Config) -> None:
         ("server.body_timeout_s", config.server.body_timeout_s <= 0),
         ("server.max_headers", config.server.max_headers < 1),
         ("server.max_header_bytes", config.server.max_header_bytes < 256),
+        ("server.admin_port", not 0 <= config.server.admin_port <= 65535),
+        ("server.admin_host", not config.server.admin_host),
         ("upstream.url", not config.upstream.url.startswith(("http://", "https://"))),
         ("upstream.timeout_s", config.upstream.timeout_s <= 0),
         ("upstream.concurrency", config.upstream.concurrency < 1),
@@ -415,10 +424,15 @@ def _check(config: Config) -> None:
                 f"config key server.client_ip_headers[{i}]: {name!r} is not one of "
                 + ", ".join(sorted(CLIENT_IP_HEADERS))
             )
-    for i, cidr in enumerate(config.server.trusted_proxies):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"config key server.trusted_proxies[{i}]: {cidr!r} is not an IP network"
-            ) from None
+    if config.server.admin_port and config.server.admin_port == config.server.port:
+        raise ConfigError(
+            f"config key server.admin_port: {config.server.admin_port} is server.port too"
+        )
+    for key in ("trusted_proxies", "admin_allow"):
+        for i, cidr in enumerate(getattr(config.server, key)):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"config key server.{key}[{i}]: {cidr!r} is not an IP network"
+                ) from None

@@ -16,7 +16,7 @@ import math
 import re
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -500,6 +500,22 @@ def encode_batch(payload: dict[str, Any]) -> bytes:
 
 # Pixel query parameters that steer the pixel rather than describe the event.
 PIXEL_CONTROL = frozenset({"data", "cookie_domain", "process_headers", "destination_url"})
+
+
+def pixel_query(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The pixel's query string as one value per name: the first, for every parameter.
+
+    Everything the pixel does (the key, the event and its validation, the cookie, the
+    redirect) reads this dict, and the forwarded query is encoded from it, so what is
+    validated is exactly what goes upstream (issue 7, finding 12: a repeated `type` was
+    validated with the last value and forwarded with the first). The first, as Go's
+    url.Values.Get and aiohttp's .get() read a query. Jitsu itself makes an array of a
+    repeated parameter; mirroring that is left to a later issue, and starts from this dict.
+    """
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        query.setdefault(name, value)
+    return query
 
 
 def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -264,9 +267,28 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "pass"})
 
 
+def relative_to_buffer(text: str, buffer_dir: Path) -> str:
+    """`text` with the buffer directory's absolute path taken out, so that files in it are
+    named relative to buffer.path: an answer must not map the host's filesystem (issue 7,
+    finding 11c)."""
+    # The directory itself becomes "."; a longer name that merely starts alike is left.
+    return re.sub(
+        re.escape(os.path.abspath(buffer_dir)) + r"(/|(?![^\s'\":;,)\]]))",
+        lambda m: "" if m.group(1) else ".",
+        text,
+    )
+
+
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[APP_STATE]
     buf = state.buffer
+    quarantined = [
+        {
+            "path": str(Path(moved["path"]).relative_to(buf.dir)),
+            "reason": relative_to_buffer(moved["reason"], buf.dir),
+        }
+        for moved in buf.quarantined
+    ]
     ready = buf.writable and not state.draining
     # "warn": serving, but something needs a person (a corrupt buffer was moved aside).
     status = "fail" if not ready else "warn" if buf.quarantined else "pass"
@@ -281,8 +303,8 @@ async def readyz(request: web.Request) -> web.Response:
             "dead_letter_rows": buf.dead_rows,
             "fsync": buf.fsync,
             "sqlite": buf.sqlite_settings,
-            "last_error": buf.last_error,
-            "quarantined": buf.quarantined,
+            "last_error": buf.last_error and relative_to_buffer(buf.last_error, buf.dir),
+            "quarantined": quarantined,
         },
         "draining": state.draining,
     }
@@ -305,14 +327,15 @@ async def pixel(request: web.Request) -> web.Response:
     request[BROWSER_ROUTE] = True
     headers = dict(cookies.NO_CACHE)
     set_cookies: list[str] = []
+    # From here on only this one-value-per-name copy of the query is read.
+    query = env.pixel_query(request.query.items())
     try:
         client_ip = _client_ip(request, state)
         _limit_ip(state, client_ip)
-        key = find_write_key(request.headers, request.query) or _host_key(request, state)
+        key = find_write_key(request.headers, query) or _host_key(request, state)
         _admit(request, state, key, strict=False)
         event_type = request.match_info["type"]
-        event = env.pixel_event(request.query, event_type)
-        query = dict(request.query)
+        event = env.pixel_event(query, event_type)
         if not event.get("messageId"):
             query["messageId"] = str(uuid.uuid4())
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
@@ -340,7 +363,7 @@ async def pixel(request: web.Request) -> web.Response:
         await _commit(request, state, [envelope])
     except IngestError as exc:
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
-    destination = request.query.get("destination_url", "")
+    destination = query.get("destination_url", "")
     if "X-Jitsu-Error" not in headers and cookies.valid_destination(
         destination, _hostname(request)
     ):

@@ -32,6 +32,8 @@ class AppState:
     script: ScriptCache | None = None
     # Canonical names of the public routes (ingest and script): CORS and request metrics.
     public_routes: frozenset[str] = frozenset()
+    # server.admin_allow, parsed.
+    admin_allow: tuple[Network, ...] = ()
     draining: bool = False
 
 

@@ -24,6 +24,8 @@ class Received:
     body: bytes
     at: float
     status: int = 0
+    # Every query pair as sent, repeats included (`query` keeps the first of each name).
+    query_pairs: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -154,6 +156,7 @@ class FakeJitsu:
                 CIMultiDict(request.headers),
                 body,
                 time.monotonic(),
+                query_pairs=list(request.query.items()),
             )
             if request.content_length is not None and len(body) < request.content_length:
                 # Cut off mid-body (say, by our own stop()): nothing upstream could take.

@@ -51,6 +51,7 @@ class ProxyProcess:
             "log": {"format": "json", "level": "debug"},
         }
         config = merge(config, overrides)
+        self.admin_port = int(config["server"].get("admin_port", 0))
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "proxy.log"
@@ -59,6 +60,11 @@ class ProxyProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Where /readyz and /metrics answer: the admin listener when there is one."""
+        return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else self.url
 
     def start(self, env: dict[str, str] | None = None) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
@@ -78,7 +84,7 @@ class ProxyProcess:
             while True:
                 assert self.proc is not None and self.proc.poll() is None, self.log_text()
                 try:
-                    async with session.get(f"{self.url}/readyz") as resp:
+                    async with session.get(f"{self.admin_url}/readyz") as resp:
                         if resp.status == 200:
                             return
                 except aiohttp.ClientError:
@@ -127,7 +133,7 @@ class ProxyProcess:
     async def readyz(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
         """The /readyz body (it carries the buffer and upstream state), None if unreachable."""
         try:
-            async with session.get(f"{self.url}/readyz") as resp:
+            async with session.get(f"{self.admin_url}/readyz") as resp:
                 body: dict[str, Any] = await resp.json()
                 return body
         except (aiohttp.ClientError, ValueError):

@@ -387,6 +387,41 @@ def test_host_bits_set_cidr_is_accepted() -> None:
     assert config.server.trusted_proxies == ["10.1.2.3/8", "192.0.2.7"]
 
 
+def test_admin_keys_default_to_everything_on_the_public_port() -> None:
+    server = build_config({}, {}).server
+    assert (server.admin_port, server.admin_host, server.admin_allow) == (0, "127.0.0.1", [])
+
+
+def test_admin_keys_from_env() -> None:
+    server = build_config(
+        {},
+        {
+            "PROXY_SERVER_ADMIN_PORT": "9100",
+            "PROXY_SERVER_ADMIN_HOST": "0.0.0.0",
+            "PROXY_SERVER_ADMIN_ALLOW": "10.0.0.0/8, 192.168.0.0/16",
+        },
+    ).server
+    assert server.admin_port == 9100 and server.admin_host == "0.0.0.0"
+    assert server.admin_allow == ["10.0.0.0/8", "192.168.0.0/16"]
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"admin_port": -1}, "config key server.admin_port: invalid value -1"),
+        ({"admin_port": 65536}, "config key server.admin_port: invalid value 65536"),
+        ({"admin_port": 8080}, "config key server.admin_port: 8080 is server.port too"),
+        ({"admin_host": ""}, "config key server.admin_host: invalid value ''"),
+        (
+            {"admin_allow": ["10.0.0.0/8", "everyone"]},
+            "config key server.admin_allow[1]: 'everyone' is not an IP network",
+        ),
+    ],
+)
+def test_bad_admin_keys(server: dict[str, Any], message: str) -> None:
+    assert config_error({"server": server}) == message
+
+
 @pytest.mark.parametrize(
     "url", ["ftp://ingest.example.com", "ingest.example.com", "127.0.0.1:3049", "", "ws://x"]
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -163,3 +164,82 @@ async def test_id_endpoint_keeps_the_known_visitor_and_user(
 )
 def test_registrable_domain(host: str, expected: str) -> None:
     assert cookies.registrable_domain(host) == expected
+
+
+async def pixel_then_marker(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, query: str, **kw: Any
+) -> tuple[Any, list[Any]]:
+    """GET the pixel with a raw query string, then a plain pixel that is surely forwarded:
+    once that one arrived, everything the first one made upstream get has arrived too."""
+    resp = await proxy.get(f"/api/px/{query}", allow_redirects=False, **kw)
+    marker = uuid.uuid4().hex
+    sent = await proxy.get(
+        "/api/px/track", params={"writekey": KEY, "event": "marker", "messageId": marker}
+    )
+    assert "X-Jitsu-Error" not in sent.headers
+    await upstream.wait_for(lambda f: any(r.query.get("messageId") == marker for r in f.delivered))
+    return resp, [r for r in upstream.delivered if r.query.get("event") != "marker"]
+
+
+def pairs(received: Any, name: str) -> list[str]:
+    return [v for k, v in received.query_pairs if k == name]
+
+
+async def test_pixel_repeated_parameter_is_validated_as_forwarded(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    # Issue 7, finding 12: the event was validated with the last `type` and forwarded with
+    # the first, so a type the edge never accepted went upstream.
+    resp, got = await pixel_then_marker(
+        proxy, upstream, f"event?writekey={KEY}&event=opened&type=bogus&type=track"
+    )
+    assert "Unknown event type: bogus" in resp.headers["X-Jitsu-Error"]
+    assert got == []
+    # The other way round the first value is valid, and it is the only one upstream gets.
+    resp, got = await pixel_then_marker(
+        proxy, upstream, f"event?writekey={KEY}&event=opened&type=track&type=bogus"
+    )
+    assert "X-Jitsu-Error" not in resp.headers
+    (event,) = got
+    assert pairs(event, "type") == ["track"]
+
+
+async def test_pixel_repeated_track_name_is_validated_as_forwarded(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    resp, got = await pixel_then_marker(
+        proxy, upstream, f"track?writekey={KEY}&event=&event=opened"
+    )
+    assert "'event' property is required" in resp.headers["X-Jitsu-Error"]
+    assert got == []
+
+
+async def test_pixel_takes_the_first_of_every_repeated_parameter(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """One rule for every parameter, control ones included: the first value steers the answer
+    and is the only value upstream gets."""
+    first = data({"event": "first", "messageId": "px-first"})
+    second = data({"event": "second", "messageId": "px-second"})
+    query = (
+        f"track?writekey={KEY}&writekey=otherId:otherSecret"
+        f"&data={first}&data={second}"
+        "&destination_url=https://shop.example/first&destination_url=https://evil.example/x"
+        "&process_headers=1&process_headers=0"
+        "&cookie_domain=shop.example&cookie_domain=data.shop.example"
+        "&properties.campaign=spring&properties.campaign=autumn"
+    )
+    resp, got = await pixel_then_marker(
+        proxy, upstream, query.replace("+", "%2B"), headers={"Host": "data.shop.example"}
+    )
+    assert resp.status == 302 and resp.headers["Location"] == "https://shop.example/first"
+    assert "Domain=shop.example;" in resp.headers["Set-Cookie"]
+    (event,) = got
+    assert event.headers["X-Write-Key"] == KEY
+    assert pairs(event, "writekey") == []
+    assert pairs(event, "data") == [first]
+    assert pairs(event, "destination_url") == ["https://shop.example/first"]
+    assert pairs(event, "process_headers") == ["1"]
+    assert pairs(event, "cookie_domain") == ["shop.example"]
+    assert pairs(event, "properties.campaign") == ["spring"]
+    assert [k for k, _ in event.query_pairs] == list(dict(event.query_pairs))

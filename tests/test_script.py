@@ -21,7 +21,7 @@ async def test_script_is_served_with_jitsu_headers(
     assert await resp.read() == SCRIPT
     assert resp.headers["Content-Type"].startswith("application/javascript")
     assert resp.headers["Cache-Control"] == "public, max-age=120"
-    assert resp.headers["Vary"] == "Accept-Encoding"
+    assert resp.headers["Vary"] == "Accept-Encoding, Origin"
     etag = resp.headers["ETag"]
     again = await proxy.get("/p.js", headers={"If-None-Match": etag})
     assert again.status == 304
