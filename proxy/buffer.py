@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from proxy.auth import key_id as key_id_of
 from proxy.config import BufferConfig
 from proxy.envelope import Envelope
 from proxy.errors import BufferClosedError, BufferError_, BufferFullError, BufferLockedError
@@ -90,9 +91,34 @@ class Row:
     method: str = "POST"
 
 
+@dataclasses.dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters a listing or a replay is about; a field left None matches any row.
+    Times are on `failed_at`, as a half-open window [since, until), so windows do not overlap."""
+
+    status: int | None = None
+    key_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def sql(self) -> tuple[str, tuple[Any, ...]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for value, clause in (
+            (self.status, "status = ?"),
+            (self.key_id, "key_id = ?"),
+            (self.since, "failed_at >= ?"),
+            (self.until, "failed_at < ?"),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
 @dataclasses.dataclass
 class _Op:
-    kind: str  # insert | delete | dead_letter
+    kind: str  # insert | delete | dead_letter | requeue
     args: Any
     future: asyncio.Future[Any]
 
@@ -350,7 +376,10 @@ class Buffer:
             return row
         if op.kind == "requeue":
             # Back to the send queue, at its tail, with the exact bytes first stored.
-            where, params = ("WHERE status = ?", (op.args,)) if op.args is not None else ("", ())
+            selection, write_key = op.args
+            where, params = selection.sql()
+            if write_key is not None:
+                return _requeue_rekeyed(conn, where, params, write_key)
             count, size, events = conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0)"
                 f" FROM dead_letter {where}",
@@ -417,13 +446,14 @@ class Buffer:
             for seq, at, key_id, path, headers, body, size, events, method in cur
         ]
 
-    def _dead_letters(self, limit: int) -> list[dict[str, Any]]:
+    def _dead_letters(self, limit: int, selection: DeadLetterFilter) -> list[dict[str, Any]]:
         conn = self._conn
         assert conn is not None
+        where, params = selection.sql()
         cur = conn.execute(
             "SELECT seq, key_id, path, body, status, reason, attempts, events, failed_at"
-            " FROM dead_letter ORDER BY seq LIMIT ?",
-            (limit,),
+            f" FROM dead_letter {where} ORDER BY seq LIMIT ?",
+            (*params, limit),
         )
         return [
             {
@@ -577,14 +607,21 @@ class Buffer:
         """Upstream refused the row for good: keep it, with why, out of the send queue."""
         await self._submit("dead_letter", (seq, status, reason, attempts))
 
-    async def requeue_dead_letters(self, status: int | None = None) -> int:
-        """Move dead letters (all, or those upstream refused with `status`) back into the send
-        queue, e.g. after fixing a rotated write key. Returns how many rows moved."""
-        count, _size, _events = await self._submit("requeue", status)
+    async def requeue_dead_letters(
+        self, selection: DeadLetterFilter | None = None, *, write_key: str | None = None
+    ) -> int:
+        """Move dead letters (all, or those `selection` picks) back into the send queue, in one
+        transaction. With `write_key` (a checked `keyId:secret`), they are sent under that key
+        instead of the one upstream refused: a rotated key. Returns how many rows moved."""
+        count, _size, _events = await self._submit(
+            "requeue", (selection or DeadLetterFilter(), write_key)
+        )
         return int(count)
 
-    async def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
-        return await self._run(self._dead_letters, limit)
+    async def dead_letters(
+        self, limit: int = 1000, selection: DeadLetterFilter | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._run(self._dead_letters, limit, selection or DeadLetterFilter())
 
     @property
     def low_water(self) -> int:
@@ -604,6 +641,48 @@ class Buffer:
     @property
     def closing(self) -> bool:
         return self._closing
+
+
+def _requeue_rekeyed(
+    conn: sqlite3.Connection, where: str, params: tuple[Any, ...], write_key: str
+) -> tuple[int, int, int]:
+    """Requeue under a new write key: only X-Write-Key and key_id change. The body keeps its
+    bytes, so messageIds are kept and Jitsu deduplicates a copy that did arrive before. The
+    stored size comes from the Envelope, so it follows however the buffer counts a row."""
+    new_id = key_id_of(write_key)
+    count = size = events = 0
+    cur = conn.execute(
+        "SELECT received_at, path, headers, body, events, method"
+        f" FROM dead_letter {where} ORDER BY seq",
+        params,
+    )
+    for received_at, path, headers, body, n, method in cur:
+        fields = {
+            name: value
+            for name, value in json.loads(headers).items()
+            if name.lower() != "x-write-key"
+        }
+        fields["X-Write-Key"] = write_key
+        env = Envelope(path, fields, bytes(body), n, new_id, method)
+        conn.execute(
+            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                received_at,
+                env.key_id,
+                env.path,
+                json.dumps(env.headers),
+                env.body,
+                env.stored_size,
+                env.events,
+                env.method,
+            ),
+        )
+        count += 1
+        size += env.stored_size
+        events += n
+    conn.execute(f"DELETE FROM dead_letter {where}", params)
+    return count, size, events
 
 
 class _CorruptError(Exception):

@@ -7,7 +7,9 @@ ProxyError
 │   ├── BufferFullError     configured bound or the disk is full (503 + Retry-After)
 │   └── BufferClosedError   the buffer is closing or closed (503)
 ├── IngestError             a client request Jitsu would refuse (status + public message)
-└── RateLimitedError        a client over its request rate (429 + Retry-After)
+├── RateLimitedError        a client over its request rate (429 + Retry-After)
+├── UsageError              a bad argument to an offline command (exit 1)
+└── SalvageError            the file given to `salvage` is not a readable buffer (exit 1)
 """
 
 from __future__ import annotations
@@ -61,3 +63,12 @@ class RateLimitedError(ProxyError):
     def __init__(self, what: str, retry_after_s: float) -> None:
         super().__init__(f"rate limit exceeded for this {what}")
         self.retry_after_s = retry_after_s
+
+
+class UsageError(ProxyError):
+    """An offline command (`dead-letters`, `salvage`) got an argument it cannot use. The message
+    names the flag, never a secret it may hold."""
+
+
+class SalvageError(ProxyError):
+    """The source given to `salvage` is missing, a directory, or not a readable buffer file."""
