@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None:
         try:
             if command == "salvage":
-                log.info("salvage_done", **asyncio.run(salvage.salvage(config, args.file)))
+                result = asyncio.run(salvage.salvage(config, args.file))
+                if "error" in result:  # the live buffer filled up: a re-run continues
+                    log.error("salvage_incomplete", **result)
+                    return 1
+                log.info("salvage_done", **result)
             else:
                 return _dead_letters(config, args, log)
         except ProxyError as exc:

@@ -34,10 +34,21 @@ T = TypeVar("T")
 
 DB_NAME = "buffer.db"
 LOCK_NAME = "proxy.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4A545355  # "JTSU"
 # Most operations one transaction may carry; bounds commit latency under a burst.
 MAX_GROUP = 1024
+
+# The salvage ledger: every row copied in from a quarantined file, by its (received_at, seq)
+# there, so that a second run (after a full buffer, or by mistake) copies nothing twice, even
+# once the first run's rows were forwarded and deleted. Why rows and not a file: salvage.py.
+SALVAGED_TABLE = """
+CREATE TABLE IF NOT EXISTS salvaged (
+    received_at REAL    NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (received_at, seq)
+) WITHOUT ROWID;
+"""
 
 # Each step takes the schema from version N to N + 1, in one transaction with the version bump.
 MIGRATIONS = {
@@ -46,6 +57,8 @@ MIGRATIONS = {
         "ALTER TABLE events ADD COLUMN method TEXT NOT NULL DEFAULT 'POST';"
         "ALTER TABLE dead_letter ADD COLUMN method TEXT NOT NULL DEFAULT 'POST';"
     ),
+    # v3: salvage remembers what it copied.
+    2: SALVAGED_TABLE,
 }
 
 SCHEMA = """
@@ -76,6 +89,8 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     method      TEXT    NOT NULL DEFAULT 'POST'
 );
 """
+# A fresh file gets every table the migrations add, from the same text.
+SCHEMA += SALVAGED_TABLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +131,30 @@ class DeadLetterFilter:
         return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why upstream refused a row for good, as the dead-letter table keeps it."""
+
+    failed_at: float
+    status: int | None
+    reason: str
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SalvagedRow:
+    """A row read back from a quarantined buffer file: its (received_at, seq) there, which the
+    ledger remembers, what it holds, and, for a dead letter, why it failed."""
+
+    received_at: float
+    seq: int
+    envelope: Envelope
+    failure: Failure | None = None
+
+
 @dataclasses.dataclass
 class _Op:
-    kind: str  # insert | delete | dead_letter | requeue
+    kind: str  # insert | delete | dead_letter | requeue | salvage
     args: Any
     future: asyncio.Future[Any]
 
@@ -393,6 +429,8 @@ class Buffer:
             )
             conn.execute(f"DELETE FROM dead_letter {where}", params)
             return count, size, events
+        if op.kind == "salvage":
+            return _insert_salvaged(conn, op.args)
         raise AssertionError(op.kind)
 
     def _commit_group(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
@@ -400,7 +438,8 @@ class Buffer:
         write (say, an insert on a full disk) never takes a delete that frees space with it."""
         conn = self._conn
         assert conn is not None
-        self._set_sync(conn, any(op.kind == "insert" for op in ops))
+        # A salvage run may be followed by deleting its source: it is a promise too.
+        self._set_sync(conn, any(op.kind in ("insert", "salvage") for op in ops))
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(conn, op) for op in ops]
@@ -470,6 +509,12 @@ class Buffer:
             for s, k, p, b, st, r, a, n, f in cur
         ]
 
+    def _salvaged(self, keys: list[tuple[float, int]]) -> set[tuple[float, int]]:
+        conn = self._conn
+        assert conn is not None
+        query = "SELECT 1 FROM salvaged WHERE received_at = ? AND seq = ?"
+        return {key for key in keys if conn.execute(query, key).fetchone() is not None}
+
     # ---- the writer task -------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
@@ -512,6 +557,15 @@ class Buffer:
                     self.bytes += size
                     self.events += sum(e.events for e in op.args)
                     inserted = True
+            elif op.kind == "salvage":
+                self._reserved -= _pending_size(op.args)
+                if ok:
+                    count, size, events, dead = result
+                    self.rows += count
+                    self.bytes += size
+                    self.events += events
+                    self.dead_rows += dead
+                    inserted = inserted or count > 0
             elif op.kind == "requeue":
                 if ok:
                     count, size, events = result
@@ -618,6 +672,24 @@ class Buffer:
         )
         return int(count)
 
+    async def append_salvaged(self, rows: Sequence[SalvagedRow]) -> tuple[int, int, int]:
+        """Copy rows from a quarantined file in one transaction with their ledger entries,
+        skipping any the ledger already has. Pending rows are admitted like `append` (they
+        count against `max_bytes`). Returns the pending rows, events and dead letters added."""
+        size = _pending_size(rows)
+        self._check_admission(size)
+        self._reserved += size
+        try:
+            count, _size, events, dead = await self._submit("salvage", list(rows))
+        except BufferClosedError:
+            self._reserved -= size
+            raise
+        return int(count), int(events), int(dead)
+
+    async def salvaged(self, rows: Sequence[SalvagedRow]) -> set[tuple[float, int]]:
+        """Which of these rows an earlier salvage run already copied: (received_at, seq)."""
+        return await self._run(self._salvaged, [(r.received_at, r.seq) for r in rows])
+
     async def dead_letters(
         self, limit: int = 1000, selection: DeadLetterFilter | None = None
     ) -> list[dict[str, Any]]:
@@ -683,6 +755,58 @@ def _requeue_rekeyed(
         events += n
     conn.execute(f"DELETE FROM dead_letter {where}", params)
     return count, size, events
+
+
+def _pending_size(rows: Sequence[SalvagedRow]) -> int:
+    return sum(r.envelope.stored_size for r in rows if r.failure is None)
+
+
+def _insert_salvaged(
+    conn: sqlite3.Connection, rows: Sequence[SalvagedRow]
+) -> tuple[int, int, int, int]:
+    count = size = events = dead = 0
+    for row in rows:
+        # The ledger entry commits with the copy, or neither does: a re-run never doubles.
+        known = conn.execute(
+            "INSERT OR IGNORE INTO salvaged (received_at, seq) VALUES (?, ?)",
+            (row.received_at, row.seq),
+        )
+        if known.rowcount == 0:
+            continue
+        env = row.envelope
+        # The first time it was stored, not now: the row's age stays true.
+        seq = conn.execute(
+            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.received_at,
+                env.key_id,
+                env.path,
+                json.dumps(env.headers),
+                env.body,
+                env.stored_size,
+                env.events,
+                env.method,
+            ),
+        ).lastrowid
+        if row.failure is None:
+            count += 1
+            size += env.stored_size
+            events += env.events
+            continue
+        # A dead letter takes its seq from events' AUTOINCREMENT (stored there, then moved), so
+        # it can never collide with a live row or dead letter, nor be reused later.
+        failure = row.failure
+        conn.execute(
+            "INSERT INTO dead_letter (seq, received_at, key_id, path, headers, body, size, events,"
+            " failed_at, status, reason, attempts, method)"
+            " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?,"
+            " method FROM events WHERE seq = ?",
+            (failure.failed_at, failure.status, failure.reason, failure.attempts, seq),
+        )
+        conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+        dead += 1
+    return count, size, events, dead
 
 
 class _CorruptError(Exception):

@@ -188,4 +188,24 @@ async def test_a_version_1_buffer_is_migrated_with_its_rows(tmp_path: Path) -> N
     assert (row.path, row.body, row.method) == ("/api/s/track", b"{}", "POST")
     await buf.close()
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM salvaged").fetchone() == (0,)
+
+
+async def test_a_version_2_buffer_gets_the_salvage_ledger_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    buf = Buffer(tmp_path, 1_000_000)
+    await buf.open()
+    await buf.append([envelope(1)])
+    await buf.close()
+    # A v2 file is a v3 file without the ledger.
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.executescript("DROP TABLE salvaged; PRAGMA user_version = 2;")
+    again = Buffer(tmp_path, 1_000_000)
+    await again.open()
+    assert again.quarantined == [] and again.rows == 1
+    await again.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM salvaged").fetchone() == (0,)
