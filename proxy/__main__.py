@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -16,8 +17,10 @@ from aiohttp import web
 
 from proxy import __version__, deadletters, salvage
 from proxy.app import create_app, server_options
-from proxy.config import load_config
-from proxy.errors import BufferError_, ConfigError
+from proxy.auth import key_id
+from proxy.buffer import DeadLetterFilter
+from proxy.config import Config, load_config
+from proxy.errors import BufferError_, ConfigError, ProxyError, UsageError
 from proxy.logs import configure_logging
 
 
@@ -35,8 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "dead-letters":
         parser.prog, parser.description = "proxy dead-letters", deadletters.__doc__
         parser.add_argument("--status", type=int, help="only those upstream answered with this")
+        parser.add_argument("--key-id", help="only those sent with this write-key id")
+        parser.add_argument("--since", help="only those that failed at or after this time")
+        parser.add_argument(
+            "--until", help="only those that failed before this time (ISO 8601 or unix seconds)"
+        )
         parser.add_argument(
             "--replay", action="store_true", help="move them back into the send queue"
+        )
+        # Checked after parsing: argparse would quote a bad value, secret and all.
+        parser.add_argument(
+            "--write-key", help="with --replay: send them under this keyId:secret instead"
         )
     args = parser.parse_args(argv[1:] if command else argv)
     try:
@@ -50,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None:
         try:
             if command == "salvage":
-                log.info("salvage_done", **asyncio.run(salvage.salvage(config, args.file)))
-            elif args.replay:
-                moved = asyncio.run(deadletters.replay(config, args.status))
-                log.info("dead_letters_replayed", rows=moved, status=args.status)
+                result = asyncio.run(salvage.salvage(config, args.file))
+                if "error" in result:  # the live buffer filled up: a re-run continues
+                    log.error("salvage_incomplete", **result)
+                    return 1
+                log.info("salvage_done", **result)
             else:
-                for row in asyncio.run(deadletters.list_dead_letters(config, args.status)):
-                    print(json.dumps(row), flush=True)
-        except BufferError_ as exc:
+                return _dead_letters(config, args, log)
+        except ProxyError as exc:
             log.error(f"{command.replace('-', '_')}_failed", error=str(exc))
             return 1
         return 0
@@ -101,6 +113,31 @@ def _listen(host: str, port: int) -> socket.socket:
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     return socket.create_server(address, family=family)
+
+
+def _dead_letters(
+    config: Config, args: argparse.Namespace, log: structlog.typing.FilteringBoundLogger
+) -> int:
+    selection = DeadLetterFilter(
+        status=args.status,
+        key_id=args.key_id,
+        since=None if args.since is None else deadletters.parse_time("--since", args.since),
+        until=None if args.until is None else deadletters.parse_time("--until", args.until),
+    )
+    write_key = None
+    if args.write_key is not None:
+        if not args.replay:
+            raise UsageError("--write-key only applies with --replay")
+        write_key = deadletters.check_write_key(args.write_key)
+    if args.replay:
+        moved = asyncio.run(deadletters.replay(config, selection, write_key))
+        # The new key's id only: its secret never reaches a log line.
+        new_id = {"write_key_id": key_id(write_key)} if write_key is not None else {}
+        log.info("dead_letters_replayed", rows=moved, **dataclasses.asdict(selection), **new_id)
+    else:
+        for row in asyncio.run(deadletters.list_dead_letters(config, selection)):
+            print(json.dumps(row), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from proxy.auth import key_id as key_id_of
 from proxy.config import BufferConfig
 from proxy.envelope import Envelope
 from proxy.errors import BufferClosedError, BufferError_, BufferFullError, BufferLockedError
@@ -33,10 +34,21 @@ T = TypeVar("T")
 
 DB_NAME = "buffer.db"
 LOCK_NAME = "proxy.lock"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x4A545355  # "JTSU"
 # Most operations one transaction may carry; bounds commit latency under a burst.
 MAX_GROUP = 1024
+
+# The salvage ledger: every row copied in from a quarantined file, by its (received_at, seq)
+# there, so that a second run (after a full buffer, or by mistake) copies nothing twice, even
+# once the first run's rows were forwarded and deleted. Why rows and not a file: salvage.py.
+SALVAGED_TABLE = """
+CREATE TABLE IF NOT EXISTS salvaged (
+    received_at REAL    NOT NULL,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (received_at, seq)
+) WITHOUT ROWID;
+"""
 
 # Each step takes the schema from version N to N + 1, in one transaction with the version bump.
 MIGRATIONS = {
@@ -51,6 +63,8 @@ MIGRATIONS = {
         " + length(CAST(headers AS BLOB)) + length(CAST(key_id AS BLOB)) + 64;"
         for table in ("events", "dead_letter")
     ),
+    # v4: salvage remembers what it copied.
+    3: SALVAGED_TABLE,
 }
 
 SCHEMA = """
@@ -81,6 +95,8 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     method      TEXT    NOT NULL DEFAULT 'POST'
 );
 """
+# A fresh file gets every table the migrations add, from the same text.
+SCHEMA += SALVAGED_TABLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +114,55 @@ class Row:
     problem: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters a listing or a replay is about; a field left None matches any row.
+    Times are on `failed_at`, as a half-open window [since, until), so windows do not overlap."""
+
+    status: int | None = None
+    key_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def sql(self) -> tuple[str, tuple[Any, ...]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for value, clause in (
+            (self.status, "status = ?"),
+            (self.key_id, "key_id = ?"),
+            (self.since, "failed_at >= ?"),
+            (self.until, "failed_at < ?"),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why upstream refused a row for good, as the dead-letter table keeps it."""
+
+    failed_at: float
+    status: int | None
+    reason: str
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SalvagedRow:
+    """A row read back from a quarantined buffer file: its (received_at, seq) there, which the
+    ledger remembers, what it holds, and, for a dead letter, why it failed."""
+
+    received_at: float
+    seq: int
+    envelope: Envelope
+    failure: Failure | None = None
+
+
 @dataclasses.dataclass
 class _Op:
-    kind: str  # insert | delete | dead_letter
+    kind: str  # insert | delete | dead_letter | requeue | salvage
     args: Any
     future: asyncio.Future[Any]
 
@@ -374,7 +436,10 @@ class Buffer:
             return row
         if op.kind == "requeue":
             # Back to the send queue, at its tail, with the exact bytes first stored.
-            where, params = ("WHERE status = ?", (op.args,)) if op.args is not None else ("", ())
+            selection, write_key = op.args
+            where, params = selection.sql()
+            if write_key is not None:
+                return _requeue_rekeyed(conn, where, params, write_key)
             count, size, events = conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0)"
                 f" FROM dead_letter {where}",
@@ -387,7 +452,7 @@ class Buffer:
                 params,
             )
             conn.execute(f"DELETE FROM dead_letter {where}", params)
-            return count, size, events
+            return count, size, events, size
         if op.kind == "trim_dead":
             # The oldest dead letters go first, until `excess` bytes are freed.
             excess: int = op.args
@@ -402,6 +467,8 @@ class Buffer:
             if last is not None:
                 conn.execute("DELETE FROM dead_letter WHERE seq <= ?", (last,))
             return rows, freed, events
+        if op.kind == "salvage":
+            return _insert_salvaged(conn, op.args)
         raise AssertionError(op.kind)
 
     def _commit_group(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
@@ -409,7 +476,8 @@ class Buffer:
         write (say, an insert on a full disk) never takes a delete that frees space with it."""
         conn = self._conn
         assert conn is not None
-        self._set_sync(conn, any(op.kind == "insert" for op in ops))
+        # A salvage run may be followed by deleting its source: it is a promise too.
+        self._set_sync(conn, any(op.kind in ("insert", "salvage") for op in ops))
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [self._apply(conn, op) for op in ops]
@@ -480,13 +548,14 @@ class Buffer:
             )
         return rows
 
-    def _dead_letters(self, limit: int) -> list[dict[str, Any]]:
+    def _dead_letters(self, limit: int, selection: DeadLetterFilter) -> list[dict[str, Any]]:
         conn = self._conn
         assert conn is not None
+        where, params = selection.sql()
         cur = conn.execute(
             "SELECT seq, key_id, path, body, status, reason, attempts, events, failed_at"
-            " FROM dead_letter ORDER BY seq LIMIT ?",
-            (limit,),
+            f" FROM dead_letter {where} ORDER BY seq LIMIT ?",
+            (*params, limit),
         )
         return [
             {
@@ -502,6 +571,12 @@ class Buffer:
             }
             for s, k, p, b, st, r, a, n, f in cur
         ]
+
+    def _salvaged(self, keys: list[tuple[float, int]]) -> set[tuple[float, int]]:
+        conn = self._conn
+        assert conn is not None
+        query = "SELECT 1 FROM salvaged WHERE received_at = ? AND seq = ?"
+        return {key for key in keys if conn.execute(query, key).fetchone() is not None}
 
     # ---- the writer task -------------------------------------------------------------------
 
@@ -563,14 +638,24 @@ class Buffer:
                     self.bytes += size
                     self.events += sum(e.events for e in op.args)
                     inserted = True
+            elif op.kind == "salvage":
+                self._reserved -= _pending_size(op.args)
+                if ok:
+                    count, size, events, dead, dead_size = result
+                    self.rows += count
+                    self.bytes += size
+                    self.events += events
+                    self.dead_rows += dead
+                    self.dead_bytes += dead_size
+                    inserted = inserted or count > 0
             elif op.kind == "requeue":
                 if ok:
-                    count, size, events = result
+                    count, size, events, dead_size = result
                     self.rows += count
                     self.bytes += size
                     self.events += events
                     self.dead_rows -= count
-                    self.dead_bytes -= size
+                    self.dead_bytes -= dead_size
                     inserted = inserted or count > 0
             elif op.kind == "trim_dead":
                 self._trimming = False
@@ -688,14 +773,39 @@ class Buffer:
         """Upstream refused the row for good: keep it, with why, out of the send queue."""
         await self._submit("dead_letter", (seq, status, reason, attempts))
 
-    async def requeue_dead_letters(self, status: int | None = None) -> int:
-        """Move dead letters (all, or those upstream refused with `status`) back into the send
-        queue, e.g. after fixing a rotated write key. Returns how many rows moved."""
-        count, _size, _events = await self._submit("requeue", status)
+    async def requeue_dead_letters(
+        self, selection: DeadLetterFilter | None = None, *, write_key: str | None = None
+    ) -> int:
+        """Move dead letters (all, or those `selection` picks) back into the send queue, in one
+        transaction. With `write_key` (a checked `keyId:secret`), they are sent under that key
+        instead of the one upstream refused: a rotated key. Returns how many rows moved."""
+        count, _size, _events, _dead_size = await self._submit(
+            "requeue", (selection or DeadLetterFilter(), write_key)
+        )
         return int(count)
 
-    async def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
-        return await self._run(self._dead_letters, limit)
+    async def append_salvaged(self, rows: Sequence[SalvagedRow]) -> tuple[int, int, int]:
+        """Copy rows from a quarantined file in one transaction with their ledger entries,
+        skipping any the ledger already has. Pending rows are admitted like `append` (they
+        count against `max_bytes`). Returns the pending rows, events and dead letters added."""
+        size = _pending_size(rows)
+        self._check_admission(size)
+        self._reserved += size
+        try:
+            count, _size, events, dead, _dead_size = await self._submit("salvage", list(rows))
+        except BufferClosedError:
+            self._reserved -= size
+            raise
+        return int(count), int(events), int(dead)
+
+    async def salvaged(self, rows: Sequence[SalvagedRow]) -> set[tuple[float, int]]:
+        """Which of these rows an earlier salvage run already copied: (received_at, seq)."""
+        return await self._run(self._salvaged, [(r.received_at, r.seq) for r in rows])
+
+    async def dead_letters(
+        self, limit: int = 1000, selection: DeadLetterFilter | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._run(self._dead_letters, limit, selection or DeadLetterFilter())
 
     @property
     def low_water(self) -> int:
@@ -715,6 +825,102 @@ class Buffer:
     @property
     def closing(self) -> bool:
         return self._closing
+
+
+def _requeue_rekeyed(
+    conn: sqlite3.Connection, where: str, params: tuple[Any, ...], write_key: str
+) -> tuple[int, int, int, int]:
+    """Requeue under a new write key: only X-Write-Key and key_id change. The body keeps its
+    bytes, so messageIds are kept and Jitsu deduplicates a copy that did arrive before. The
+    stored size comes from the Envelope, so it follows however the buffer counts a row."""
+    new_id = key_id_of(write_key)
+    count = size = events = dead_size = 0
+    cur = conn.execute(
+        "SELECT received_at, path, headers, body, events, method, size"
+        f" FROM dead_letter {where} ORDER BY seq",
+        params,
+    )
+    for received_at, path, headers, body, n, method, old_size in cur:
+        dead_size += old_size
+        fields = {
+            name: value
+            for name, value in json.loads(headers).items()
+            if name.lower() != "x-write-key"
+        }
+        fields["X-Write-Key"] = write_key
+        env = Envelope(path, fields, bytes(body), n, new_id, method)
+        conn.execute(
+            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                received_at,
+                env.key_id,
+                env.path,
+                env.headers_json,
+                env.body,
+                env.stored_size,
+                env.events,
+                env.method,
+            ),
+        )
+        count += 1
+        size += env.stored_size
+        events += n
+    conn.execute(f"DELETE FROM dead_letter {where}", params)
+    return count, size, events, dead_size
+
+
+def _pending_size(rows: Sequence[SalvagedRow]) -> int:
+    return sum(r.envelope.stored_size for r in rows if r.failure is None)
+
+
+def _insert_salvaged(
+    conn: sqlite3.Connection, rows: Sequence[SalvagedRow]
+) -> tuple[int, int, int, int, int]:
+    count = size = events = dead = dead_size = 0
+    for row in rows:
+        # The ledger entry commits with the copy, or neither does: a re-run never doubles.
+        known = conn.execute(
+            "INSERT OR IGNORE INTO salvaged (received_at, seq) VALUES (?, ?)",
+            (row.received_at, row.seq),
+        )
+        if known.rowcount == 0:
+            continue
+        env = row.envelope
+        # The first time it was stored, not now: the row's age stays true.
+        seq = conn.execute(
+            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.received_at,
+                env.key_id,
+                env.path,
+                env.headers_json,
+                env.body,
+                env.stored_size,
+                env.events,
+                env.method,
+            ),
+        ).lastrowid
+        if row.failure is None:
+            count += 1
+            size += env.stored_size
+            events += env.events
+            continue
+        # A dead letter takes its seq from events' AUTOINCREMENT (stored there, then moved), so
+        # it can never collide with a live row or dead letter, nor be reused later.
+        failure = row.failure
+        conn.execute(
+            "INSERT INTO dead_letter (seq, received_at, key_id, path, headers, body, size, events,"
+            " failed_at, status, reason, attempts, method)"
+            " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?,"
+            " method FROM events WHERE seq = ?",
+            (failure.failed_at, failure.status, failure.reason, failure.attempts, seq),
+        )
+        conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+        dead += 1
+        dead_size += env.stored_size
+    return count, size, events, dead, dead_size
 
 
 class _CorruptError(Exception):

@@ -4,25 +4,57 @@ works on a stopped proxy's buffer (it takes the lock)."""
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
-from proxy.buffer import Buffer
+from proxy.buffer import Buffer, DeadLetterFilter
 from proxy.config import Config
+from proxy.errors import UsageError
 
 LIST_LIMIT = 1_000_000
 
 
-async def list_dead_letters(config: Config, status: int | None) -> list[dict[str, Any]]:
+def parse_time(flag: str, text: str) -> float:
+    """Unix seconds, or ISO 8601; a time without a zone is UTC, as in the proxy's logs."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise UsageError(
+                f"{flag}: {text!r} is neither ISO 8601 (2024-05-01T12:00:00Z) nor unix seconds"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if not math.isfinite(value):
+        raise UsageError(f"{flag}: {text!r} is not a time")
+    return value
+
+
+def check_write_key(value: str) -> str:
+    """A replacement key must be a full `keyId:secret` that can travel as an HTTP header value
+    as is: visible ASCII only (no control characters, no spaces, nothing aiohttp would have to
+    encode). The messages never quote the value: it holds the secret."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise UsageError("--write-key contains control characters")
+    if not all(0x21 <= ord(c) <= 0x7E for c in value):
+        raise UsageError("--write-key must be visible ASCII only (no spaces, no accents)")
+    kid, sep, secret = value.partition(":")
+    if not (kid and sep and secret):
+        raise UsageError("--write-key must be the full keyId:secret")
+    return value
+
+
+async def list_dead_letters(config: Config, selection: DeadLetterFilter) -> list[dict[str, Any]]:
     async with Buffer.from_config(config.buffer) as buffer:
-        rows = await buffer.dead_letters(LIST_LIMIT)
+        rows = await buffer.dead_letters(LIST_LIMIT, selection)
     # Never the body or headers: they carry the events and the write key.
-    return [
-        {k: v for k, v in row.items() if k != "body"}
-        for row in rows
-        if status is None or row["status"] == status
-    ]
+    return [{k: v for k, v in row.items() if k != "body"} for row in rows]
 
 
-async def replay(config: Config, status: int | None) -> int:
+async def replay(config: Config, selection: DeadLetterFilter, write_key: str | None = None) -> int:
     async with Buffer.from_config(config.buffer) as buffer:
-        return await buffer.requeue_dead_letters(status)
+        return await buffer.requeue_dead_letters(selection, write_key=write_key)

@@ -8,7 +8,9 @@ ProxyError
 │   └── BufferClosedError   the buffer is closing or closed (503)
 ├── IngestError             a client request Jitsu would refuse (status + public message)
 ├── RateLimitedError        a client over its request rate (429 + Retry-After)
-└── OverloadedError         a request the proxy cannot handle right now (503 + Retry-After)
+├── OverloadedError         a request the proxy cannot handle right now (503 + Retry-After)
+├── UsageError              a bad argument to an offline command (exit 1)
+└── SalvageError            the file given to `salvage` is not a readable buffer (exit 1)
 """
 
 from __future__ import annotations
@@ -76,3 +78,12 @@ class RateLimitedError(ProxyError):
 
 class OverloadedError(ProxyError):
     """The proxy cannot take this request now (its parser worker died); try again later."""
+
+
+class UsageError(ProxyError):
+    """An offline command (`dead-letters`, `salvage`) got an argument it cannot use. The message
+    names the flag, never a secret it may hold."""
+
+
+class SalvageError(ProxyError):
+    """The source given to `salvage` is missing, a directory, or not a readable buffer file."""

@@ -193,3 +193,23 @@ async def test_a_version_1_buffer_is_migrated_with_its_rows(tmp_path: Path) -> N
     await buf.close()
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT count(*) FROM salvaged").fetchone() == (0,)
+
+
+async def test_a_version_2_buffer_gets_the_salvage_ledger_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    buf = Buffer(tmp_path, 1_000_000)
+    await buf.open()
+    await buf.append([envelope(1)])
+    await buf.close()
+    # A v3 file is a v4 file without the ledger (and a v2 one, sizes aside).
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        conn.executescript("DROP TABLE salvaged; PRAGMA user_version = 2;")
+    again = Buffer(tmp_path, 1_000_000)
+    await again.open()
+    assert again.quarantined == [] and again.rows == 1
+    await again.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT count(*) FROM salvaged").fetchone() == (0,)
