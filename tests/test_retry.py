@@ -9,7 +9,16 @@ import time
 
 import pytest
 
-from proxy.retry import Backoff, Outcome, classify_status, parse_retry_after, rejection_in_body
+from proxy.retry import (
+    Backoff,
+    Outcome,
+    RowFailures,
+    RowVerdict,
+    classify_answer,
+    classify_status,
+    parse_retry_after,
+    rejection_in_body,
+)
 
 # A fixed "now": 30 s before Wed, 21 Oct 2026 07:28:00 GMT.
 WHEN = datetime.datetime(2026, 10, 21, 7, 28, 0, tzinfo=datetime.UTC).timestamp()
@@ -269,3 +278,110 @@ def test_parsed_retry_after_feeds_the_backoff() -> None:
     backoff = Backoff(initial_s=1.0, max_s=30.0)
     retry_after = parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT", now=NOW)
     assert backoff.delay(1, retry_after_s=retry_after, rng=random.Random(3)) == 30.0
+
+
+# ---- classify_answer ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "body", "jitsu_error", "outcome"),
+    [
+        ("POST", 200, b'{"ok":true}', None, Outcome.DELIVERED),
+        ("POST", 200, b'{"ok":true,"destinations":[]}', None, Outcome.DELIVERED),
+        ("POST", 200, b'{"error":"stream not found"}', None, Outcome.REJECTED),
+        ("POST", 200, b"<html>Welcome to nginx!</html>", None, Outcome.RETRY),
+        ("POST", 200, b"", None, Outcome.RETRY),
+        ("POST", 204, b"", None, Outcome.RETRY),
+        ("POST", 400, b'{"error":"event error: Unknown event type: x"}', None, Outcome.REJECTED),
+        ("POST", 401, b'{"error":"stream not found: for: ..."}', None, Outcome.REJECTED),
+        ("POST", 402, b'{"error":"quota exceeded"}', None, Outcome.REJECTED),
+        ("POST", 400, b"<html>400 Bad Request</html>", None, Outcome.RETRY),
+        ("POST", 403, b"Forbidden", None, Outcome.RETRY),
+        ("POST", 404, b'{"error":"not found"}', None, Outcome.RETRY),
+        ("POST", 404, b"default backend - 404", None, Outcome.RETRY),
+        ("POST", 405, b'{"error":"method"}', None, Outcome.RETRY),
+        ("POST", 413, b"<html>413 Request Entity Too Large</html>", None, Outcome.RETRY),
+        ("POST", 400, b'{"error":""}', None, Outcome.RETRY),
+        ("POST", 400, b'{"error":{"x":1}}', None, Outcome.RETRY),
+        ("POST", 301, b"", None, Outcome.RETRY),
+        ("POST", 307, b'{"ok":true}', None, Outcome.RETRY),
+        ("POST", 503, b'{"error":"producer error"}', None, Outcome.RETRY),
+        ("GET", 200, b"GIF89a", None, Outcome.DELIVERED),
+        ("GET", 200, b"GIF89a", "stream not found", Outcome.REJECTED),
+        ("GET", 404, b"", None, Outcome.RETRY),
+        ("GET", 302, b"", None, Outcome.RETRY),
+    ],
+)
+def test_classify_answer_only_jitsus_verdicts_reject(
+    method: str, status: int, body: bytes, jitsu_error: str | None, outcome: Outcome
+) -> None:
+    assert classify_answer(method, status, body, jitsu_error)[0] is outcome
+
+
+def test_classify_answer_reasons() -> None:
+    assert classify_answer("POST", 308, b"")[1] == (
+        "upstream answered 308 (a redirect): is upstream.url right?"
+    )
+    assert classify_answer("POST", 400, b'{"error":"event error: x"}')[1] == (
+        "upstream answered 400: event error: x"
+    )
+
+
+# ---- RowFailures -------------------------------------------------------------------------
+
+
+def test_a_row_failing_while_others_go_through_is_lone_and_then_dead() -> None:
+    rows = RowFailures(max_strikes=3)
+    rows.sent(1)
+    first = rows.failure(1)  # nothing delivered since it was sent: could be an outage
+    assert (first.lone, first.dead) == (False, False)
+    verdicts = []
+    for other in range(2, 5):
+        rows.sent(other)
+        rows.ok(other)
+        verdicts.append(rows.failure(1))
+    assert [(v.lone, v.failures, v.dead) for v in verdicts] == [
+        (True, 1, False),
+        (True, 2, False),
+        (True, 3, True),
+    ]
+
+
+def test_in_an_outage_nothing_is_lone() -> None:
+    rows = RowFailures(max_strikes=1)
+    for seq in range(1, 20):
+        rows.sent(seq)
+    for _ in range(5):
+        for seq in range(1, 20):
+            assert rows.failure(seq) == RowVerdict(False, 0, False)
+
+
+def test_a_suspect_stays_alone_without_traffic_but_gets_no_strike() -> None:
+    rows = RowFailures(max_strikes=2)
+    rows.sent(1)
+    rows.failure(1)
+    rows.ok(2)
+    assert rows.failure(1) == RowVerdict(True, 1, False)
+    # Nothing else is sent: still handled alone (no outage mode), but no step towards dead.
+    assert rows.failure(1) == RowVerdict(True, 1, False)
+    assert rows.failure(1) == RowVerdict(True, 1, False)
+
+
+def test_a_flapping_upstream_strikes_no_one() -> None:
+    """Half of all attempts fail: a row's lone failures do not count towards dead."""
+    rows = RowFailures(max_strikes=1)
+    rows.sent(1)
+    rows.failure(1)
+    for round_ in range(10):
+        rows.ok(100 + round_)
+        rows.failure(200 + round_)  # another row fails as often as one succeeds
+        verdict = rows.failure(1)
+        assert verdict.lone and not verdict.dead
+
+
+def test_a_delivered_row_is_forgotten() -> None:
+    rows = RowFailures(max_strikes=1)
+    rows.sent(1)
+    rows.failure(1)
+    rows.ok(1)
+    assert len(rows) == 0
