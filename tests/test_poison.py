@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 from typing import Any
 from urllib.parse import quote
 
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.buffer import Buffer
 from proxy.envelope import Envelope
 from proxy.errors import BufferError_
 from tests.fakejitsu import FakeJitsu
@@ -187,3 +189,26 @@ async def test_no_stored_field_can_stop_ingest_or_forwarding(
     buf = state(proxy).buffer
     await _until(lambda: buf.rows == 0, timeout=10)
     assert buf.last_error is None
+
+
+async def test_a_row_whose_headers_do_not_decode_is_dead_lettered_not_a_stall(
+    make_proxy: Any, upstream: FakeJitsu, tmp_path: Any
+) -> None:
+    """A damaged row (here written behind the proxy's back) must not stop the forwarder."""
+    path = tmp_path / "buffer"
+    async with Buffer(path, 1_000_000) as buf:
+        await buf.append(
+            [Envelope("/api/s/track", {"X-Write-Key": KEY}, b'{"messageId":"a"}', 1, "k")]
+        )
+    with sqlite3.connect(path / "buffer.db") as conn:
+        conn.execute("UPDATE events SET headers = '{not json'")
+    async with Buffer(path, 1_000_000) as buf:
+        await buf.append(
+            [Envelope("/api/s/track", {"X-Write-Key": KEY}, b'{"messageId":"b"}', 1, "k")]
+        )
+    proxy = await make_proxy()
+    await upstream.wait_for(lambda f: "b" in f.delivered_set)
+    buf = state(proxy).buffer
+    await _until(lambda: buf.rows == 0 and buf.dead_rows == 1)
+    (dead,) = await buf.dead_letters()
+    assert dead["reason"].startswith("row cannot be sent: stored headers do not decode")
