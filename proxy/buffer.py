@@ -400,21 +400,7 @@ class Buffer:
             now = time.time()
             seqs = []
             for env in envelopes:
-                cur = conn.execute(
-                    "INSERT INTO events (received_at, key_id, path, headers, body, size, events,"
-                    " method) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        now,
-                        env.key_id,
-                        env.path,
-                        env.headers_json,
-                        env.body,
-                        env.stored_size,
-                        env.events,
-                        env.method,
-                    ),
-                )
-                seqs.append(cur.lastrowid)
+                seqs.append(_insert_row(conn, env, now))
             return seqs
         if op.kind == "delete":
             seq = op.args
@@ -827,6 +813,26 @@ class Buffer:
         return self._closing
 
 
+def _insert_row(conn: sqlite3.Connection, env: Envelope, received_at: float) -> int:
+    """The one way a row enters `events`; returns its seq."""
+    cur = conn.execute(
+        "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            received_at,
+            env.key_id,
+            env.path,
+            env.headers_json,
+            env.body,
+            env.stored_size,
+            env.events,
+            env.method,
+        ),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
 def _requeue_rekeyed(
     conn: sqlite3.Connection, where: str, params: tuple[Any, ...], write_key: str
 ) -> tuple[int, int, int, int]:
@@ -849,20 +855,7 @@ def _requeue_rekeyed(
         }
         fields["X-Write-Key"] = write_key
         env = Envelope(path, fields, bytes(body), n, new_id, method)
-        conn.execute(
-            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                received_at,
-                env.key_id,
-                env.path,
-                env.headers_json,
-                env.body,
-                env.stored_size,
-                env.events,
-                env.method,
-            ),
-        )
+        _insert_row(conn, env, received_at)
         count += 1
         size += env.stored_size
         events += n
@@ -888,20 +881,7 @@ def _insert_salvaged(
             continue
         env = row.envelope
         # The first time it was stored, not now: the row's age stays true.
-        seq = conn.execute(
-            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.received_at,
-                env.key_id,
-                env.path,
-                env.headers_json,
-                env.body,
-                env.stored_size,
-                env.events,
-                env.method,
-            ),
-        ).lastrowid
+        seq = _insert_row(conn, env, row.received_at)
         if row.failure is None:
             count += 1
             size += env.stored_size
