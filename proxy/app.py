@@ -251,6 +251,7 @@ def create_app(config: Config) -> web.Application:
             cache_dir=Path(config.buffer.path) / "script",
             event_prefix=config.routes.event_prefix,
             refresh_s=config.script.refresh_s,
+            max_bytes=config.script.max_bytes,
         )
     app.cleanup_ctx.append(_buffer_ctx)
     app.cleanup_ctx.append(_offload_ctx)

@@ -139,6 +139,8 @@ class ScriptConfig:
     origin: str = ""
     refresh_s: float = 120.0
     cache_control: str = "public, max-age=120"
+    # A larger script from the origin is refused (the last good copy stays in service).
+    max_bytes: int = 2 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +418,8 @@ def _check(config: Config) -> None:
         )
     if config.script.origin and not config.script.origin.startswith(("http://", "https://")):
         raise ConfigError(f"config key script.origin: invalid value {config.script.origin!r}")
+    if config.script.max_bytes < 1024:
+        raise ConfigError(f"config key script.max_bytes: invalid value {config.script.max_bytes}")
     if config.script.refresh_s <= 0:
         raise ConfigError(f"config key script.refresh_s: invalid value {config.script.refresh_s}")
     for i, name in enumerate(config.server.client_ip_headers):

@@ -171,12 +171,16 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _dump(obj: Any) -> bytes:
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate from a \ud800 escape has no UTF-8 form; escaped, it stays JSON.
-        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate from a \ud800 escape has no UTF-8 form; escaped, it stays JSON.
+            return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    except RecursionError:
+        # Parsed a few frames higher up the stack, it can be too deep to write out here.
+        raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
 
 
 def resolve_type(path_type: str) -> str:
@@ -384,6 +388,10 @@ def split_batch(result: BatchResult, max_bytes: int) -> list[tuple[bytes, int]]:
     head = _dump({k: v for k, v in result.payload.items() if k != "batch"})
     prefix = head[:-1] + (b"," if len(head) > 2 else b"") + b'"batch":['
     suffix = b"]}"
+    if len(prefix) * 4 > max_bytes:
+        # Every piece repeats the context: split with a large one and a hostile batch of small
+        # events would store it once per event. Such a batch goes whole, as it came.
+        max_bytes = 1 << 62
     pieces: list[tuple[bytes, int]] = []
     group: list[bytes] = []
     size = len(prefix) + len(suffix)

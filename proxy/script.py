@@ -70,8 +70,10 @@ class ScriptCache:
         event_prefix: str,
         refresh_s: float,
         timeout_s: float = 10.0,
+        max_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         self.origin = origin
+        self.max_bytes = max_bytes
         self.cache_dir = cache_dir
         self.event_prefix = event_prefix
         self.refresh_s = refresh_s
@@ -134,6 +136,9 @@ class ScriptCache:
         while True:
             try:
                 await self.refresh()
+            except Exception as exc:  # whatever upstream answers, the loop goes on
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("script_refresh_failed")
             finally:
                 self._attempted.set()
             delay = self.refresh_s if self.last_error is None else min(self.refresh_s, 5.0)
@@ -154,7 +159,8 @@ class ScriptCache:
                     return
                 if resp.status != 200:
                     raise _FetchError(f"script origin answered {resp.status}")
-                raw = await resp.read()
+                # A script is tens of kilobytes; an origin sending more is broken or hostile.
+                raw = await self._read_capped(resp)
                 if not raw.strip():
                     raise _FetchError("script origin answered an empty body")
                 etag = resp.headers.get("ETag")
@@ -164,12 +170,24 @@ class ScriptCache:
                 "script_fetch_failed", error=self.last_error, serving_stale=self.variant is not None
             )
             return
+        # Hashing and gzip release the GIL: off the event loop, they cost ingest nothing.
+        variant = await asyncio.to_thread(make_variant, raw, self.event_prefix)
         self._origin_etag = etag
         self.fetched_at = time.time()
         self.last_error = None
-        self._install(raw)
-        self._save(raw, etag)
+        self.variant = variant
+        await asyncio.to_thread(self._save, raw, etag)
         log.info("script_fetched", bytes=len(raw))
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await resp.content.read(64 * 1024):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _FetchError(f"script larger than script.max_bytes ({self.max_bytes})")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _save(self, raw: bytes, etag: str | None) -> None:
         try:

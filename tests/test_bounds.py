@@ -161,3 +161,38 @@ async def test_request_size_limit_holds_whatever_the_encoding_says(
         )
         assert resp.status == 413, encoding
     assert upstream.received == []
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+async def test_nesting_at_the_recursion_limit_is_never_a_500(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """Deep enough to parse, too deep to write back out a few frames lower: once a 500."""
+    for depth in (900, 960, 980, 990, 995, 1000, 1500, 5000):
+        single = f'{{"event":"deep","p":{nested(depth)}}}'.encode()
+        batch = f'{{"batch":[{{"type":"track","event":"deep","p":{nested(depth)}}}]}}'.encode()
+        pad = "x" * 70_000  # large enough for the worker process
+        big = f'{{"batch":[{{"type":"track","event":"e","pad":"{pad}","p":{nested(depth)}}}]}}'
+        for path, body in (("/api/s/s2s/track", single), ("/v1/batch", batch)):
+            resp = await proxy.post(path, data=body, headers=HEADERS)
+            assert resp.status in (200, 400), (depth, path, resp.status)
+        resp = await proxy.post("/v1/batch", data=big.encode(), headers=HEADERS)
+        assert resp.status in (200, 400), (depth, "big", resp.status)
+    ok = await proxy.post("/api/s/s2s/track", json={"event": "after"}, headers=HEADERS)
+    assert ok.status == 200
+
+
+async def test_a_large_context_is_not_copied_into_every_piece(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    proxy = await make_proxy(upstream={"max_batch_bytes": 64 * 1024})
+    payload = {"context": {"pad": "c" * 40_000}, "batch": [{"type": "page"}] * 500}
+    body = json.dumps(payload).encode()
+    resp = await proxy.post("/v1/batch", data=body, headers=HEADERS)
+    assert (await resp.json())["okEvents"] == 500
+    await upstream.wait_for(lambda f: len(f.delivered_set) == 500)
+    sent = sum(len(r.body) for r in upstream.delivered)
+    assert sent < 2 * len(body), f"{sent} bytes forwarded for a {len(body)}-byte batch"

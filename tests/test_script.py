@@ -134,3 +134,17 @@ async def test_jitsu_paths_can_be_switched_off(make_proxy: Any, upstream: FakeJi
     assert ok.status == 200
     (got,) = await upstream.wait_delivered(1)
     assert got.path == "/api/s/track"
+
+
+async def test_an_oversized_script_is_refused_and_the_good_copy_stays(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """An origin serving a huge script once held it whole in memory and gzipped it on the
+    event loop (the attack pass served 1 GB)."""
+    proxy = await make_proxy(script={"max_bytes": 64 * 1024})
+    assert await (await proxy.get("/p.js")).read() == SCRIPT
+    upstream.set_script(b"//" + b"x" * 100_000 + b"\n")
+    script = proxy.server.app[APP_STATE].script  # type: ignore[union-attr]
+    await script.refresh()
+    assert "larger than script.max_bytes (65536)" in (script.last_error or "")
+    assert await (await proxy.get("/p.js")).read() == SCRIPT
