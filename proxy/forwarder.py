@@ -41,7 +41,9 @@ from proxy.retry import (
 
 log = structlog.get_logger("proxy.forwarder")
 
-MAX_RESPONSE_BYTES = 64 * 1024
+# Jitsu's answer to a browser event carries its device destinations, code included: read up to
+# this much of an answer to judge it.
+MAX_RESPONSE_BYTES = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,13 +282,16 @@ class Forwarder:
         delay = self.backoff.delay(self.failures, self.retry_after_s)
         self.next_probe_at = time.time() + delay
         await asyncio.sleep(delay)
-        rows = await self.buffer.fetch(self.probe_after, 1) or await self.buffer.fetch(0, 1)
+        # Parked rows are not probes: they fail alone, on backoffs of their own.
+        parked = frozenset(self.parked)
+        rows = await self.buffer.fetch(self.probe_after, 1, parked) or await self.buffer.fetch(
+            0, 1, parked
+        )
         if not rows:
-            self.failing = False
+            self.failing = False  # nothing left but suspects: no sign of an outage
             return
         row = rows[0]
         self.probe_after = row.seq
-        self.parked.pop(row.seq, None)
         self.probe_seq = row.seq
         task = self._launch(row, f"probe-{row.seq}")
         try:
@@ -434,7 +439,7 @@ class Forwarder:
                 trace_request_ctx={"seq": row.seq},
                 retry_options=_InRequestRetry(self, self.config.retry.request_attempts, row.seq),
             ) as resp:
-                body = await resp.content.read(MAX_RESPONSE_BYTES)
+                body, whole = await _read_answer(resp)
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 jitsu_error = resp.headers.get("X-Jitsu-Error")
@@ -458,7 +463,7 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             reason = redact(f"transport error: {type(exc).__name__}: {exc}", key)
             return Attempt(Outcome.RETRY, None, reason)
-        outcome, reason = classify_answer(row.method, status, body, jitsu_error)
+        outcome, reason = classify_answer(row.method, status, body, jitsu_error, whole=whole)
         reason = redact(reason, key)
         if outcome is Outcome.RETRY:
             return Attempt(
@@ -500,6 +505,20 @@ def _partial_batch(body: bytes, key: str | None) -> str | None:
         return None
     joined = "; ".join(str(e) for e in errors[:20])
     return redact(f"upstream rejected {len(errors)} event(s) of the batch: {joined}", key)
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """Up to MAX_RESPONSE_BYTES of the answer, and whether that is all of it. (One read()
+    returns what has arrived so far, not the whole answer.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_RESPONSE_BYTES:
+        chunk = await resp.content.read(MAX_RESPONSE_BYTES + 1 - size)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:MAX_RESPONSE_BYTES], False
 
 
 def _without_query(url: str) -> str:

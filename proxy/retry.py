@@ -42,9 +42,10 @@ def classify_status(status: int) -> Outcome:
 
 
 def classify_answer(
-    method: str, status: int, body: bytes, jitsu_error: str | None = None
+    method: str, status: int, body: bytes, jitsu_error: str | None = None, *, whole: bool = True
 ) -> tuple[Outcome, str]:
-    """The outcome of an upstream answer, with its reason (for the log and the dead letter)."""
+    """The outcome of an upstream answer, with its reason (for the log and the dead letter).
+    `whole` is false when only the start of a (very large) body was read."""
     outcome = classify_status(status)
     if outcome is Outcome.RETRY:
         if 300 <= status < 400:
@@ -57,6 +58,9 @@ def classify_answer(
                 return Outcome.REJECTED, f"upstream refused: {jitsu_error}"
             return outcome, "ok"
         return Outcome.RETRY, f"upstream answered {status}, not Jitsu's pixel answer"
+    if outcome is Outcome.DELIVERED and not whole and body.lstrip().startswith(b"{"):
+        # Too large to read whole: Jitsu's refusals are small; its device destinations are not.
+        return outcome, "ok"
     payload = _json_object(body)
     if outcome is Outcome.DELIVERED:
         if payload is None:
@@ -84,17 +88,19 @@ def _json_object(body: bytes) -> dict[str, object] | None:
 class _Mark:
     delivered: int
     failed: int
+    outage_failed: int
     lone: int = 0  # failures while others went through
     strikes: int = 0  # of those, failures while upstream was clearly healthy for others
+    tries: int = 0  # failures handled alone: the exponent of the row's own backoff
 
 
 @dataclasses.dataclass(frozen=True)
 class RowVerdict:
     # Handle this row on its own (park it), not as an outage: others went through since it
-    # was last sent or failed, or they did at an earlier failure of it and nothing was
-    # delivered since (with no traffic to compare, it stays a suspect).
+    # was last sent or failed, or they did at an earlier failure of it and no other row has
+    # failed like an outage since (with no traffic to compare, it stays a suspect).
     lone: bool
-    failures: int  # lone failures so far: the exponent of the row's own backoff
+    failures: int  # failures handled alone so far: the exponent of the row's own backoff
     dead: bool  # it has failed alone often enough: dead-letter it
 
 
@@ -107,17 +113,23 @@ class RowFailures:
     the forwarder does not go into outage mode. It is a *strike* when, in that time, at least
     four in five attempts of other rows went through (a flapping upstream does not count).
     `max_strikes` strikes dead-letter the row. In an outage nothing is delivered, so nothing
-    strikes, and nothing is dead-lettered."""
+    strikes, and nothing is dead-lettered. Only failures that are not lone count as signs of
+    an outage: two poison rows failing in turn, with no other traffic, are two suspects on
+    their own backoffs, not an outage."""
 
     def __init__(self, max_strikes: int) -> None:
         self.max_strikes = max_strikes
         self.delivered = 0
         self.failed = 0
+        self.outage_failed = 0
         self._rows: dict[int, _Mark] = {}
+
+    def _mark(self) -> _Mark:
+        return _Mark(self.delivered, self.failed, self.outage_failed)
 
     def sent(self, seq: int) -> None:
         if seq not in self._rows:
-            self._rows[seq] = _Mark(self.delivered, self.failed)
+            self._rows[seq] = self._mark()
 
     def ok(self, seq: int) -> None:
         self.delivered += 1
@@ -127,18 +139,24 @@ class RowFailures:
         self._rows.pop(seq, None)
 
     def failure(self, seq: int) -> RowVerdict:
-        mark = self._rows.setdefault(seq, _Mark(self.delivered, self.failed))
+        mark = self._rows.setdefault(seq, self._mark())
         ok_since = self.delivered - mark.delivered
         others_failed = self.failed - mark.failed
-        self.failed += 1
+        outage_since = self.outage_failed - mark.outage_failed
         suspect = mark.lone > 0
         if ok_since > 0:
             mark.lone += 1
             if others_failed * 4 <= ok_since:
                 mark.strikes += 1
+        lone = ok_since > 0 or (suspect and outage_since == 0)
+        self.failed += 1
+        if lone:
+            mark.tries += 1
+        else:
+            self.outage_failed += 1
         mark.delivered, mark.failed = self.delivered, self.failed
-        lone = ok_since > 0 or (suspect and others_failed == 0)
-        return RowVerdict(lone, mark.lone, mark.strikes >= self.max_strikes)
+        mark.outage_failed = self.outage_failed
+        return RowVerdict(lone, mark.tries, mark.strikes >= self.max_strikes)
 
     def __len__(self) -> int:
         return len(self._rows)

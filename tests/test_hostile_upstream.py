@@ -147,3 +147,46 @@ async def test_jitsus_own_verdict_still_dead_letters(
         400,
         "upstream answered 400: event error: rejected by test",
     )
+
+
+async def test_poison_rows_at_low_traffic_back_off_alone_and_upstream_stays_up(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Two poison rows and then no traffic: once they failed each other into an 'outage' (the
+    gauge said upstream was down) and were resent every few hundred ms for ever."""
+    proxy = await make_proxy(upstream={"retry": {"initial_backoff_s": 0.1, "max_backoff_s": 2}})
+
+    def poison(rec: Received) -> Answer | None:
+        return Answer(500) if any(m.startswith("bad") for m in rec.message_ids) else None
+
+    upstream.fault = poison
+    for i in range(30):
+        await send(proxy, f"bad{i}" if i in (5, 17) else f"g{i}")
+    await upstream.wait_for(lambda f: len(f.delivered_set) == 28)
+    fwd = state(proxy).forwarder
+    await _until(lambda: len(fwd.parked) == 2)
+    before = sum(1 for r in upstream.received if r.message_ids[0].startswith("bad"))
+    await asyncio.sleep(3)
+    attempts = sum(1 for r in upstream.received if r.message_ids[0].startswith("bad")) - before
+    # Own backoffs that grow (0.1 s doubling to 2 s): a handful each in 3 s, not dozens.
+    assert attempts <= 2 * 6, attempts
+    assert not fwd.failing
+    assert await metric(proxy, "proxy_upstream_up") == 1
+    assert await metric(proxy, "proxy_rows_retrying_alone") == 2
+    await send(proxy, "fresh")
+    await upstream.wait_for(lambda f: "fresh" in f.delivered_set)
+
+
+@pytest.mark.parametrize("pad", [70_000, 3_000_000])
+async def test_a_large_answer_from_jitsu_is_read_whole_or_trusted(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, pad: int
+) -> None:
+    """Jitsu answers browser events with their device destinations, code and all: an answer
+    over 64 KiB was once cut, judged not JSON, and the event resent for ever."""
+    destinations = [{"id": "d", "code": "x" * pad}]
+    upstream.fault = lambda _rec: Answer(200, {"ok": True, "destinations": destinations})
+    await send(proxy, "big-ack")
+    await upstream.wait_for(lambda f: "big-ack" in f.delivered_set)
+    await _until(lambda: state(proxy).buffer.rows == 0)
+    assert sum(1 for r in upstream.received if r.message_ids == ["big-ack"]) == 1
+    assert not state(proxy).forwarder.failing

@@ -362,9 +362,28 @@ def test_a_suspect_stays_alone_without_traffic_but_gets_no_strike() -> None:
     rows.failure(1)
     rows.ok(2)
     assert rows.failure(1) == RowVerdict(True, 1, False)
-    # Nothing else is sent: still handled alone (no outage mode), but no step towards dead.
-    assert rows.failure(1) == RowVerdict(True, 1, False)
-    assert rows.failure(1) == RowVerdict(True, 1, False)
+    # Nothing else is sent: still handled alone (no outage mode), its own backoff grows, but
+    # no step towards dead.
+    assert [rows.failure(1) for _ in range(3)] == [
+        RowVerdict(True, 2, False),
+        RowVerdict(True, 3, False),
+        RowVerdict(True, 4, False),
+    ]
+
+
+def test_two_suspects_failing_in_turn_are_no_outage() -> None:
+    rows = RowFailures(max_strikes=5)
+    for seq in (1, 2):
+        rows.sent(seq)
+    rows.ok(3)
+    assert rows.failure(1).lone and rows.failure(2).lone
+    for _ in range(5):
+        assert rows.failure(1).lone and rows.failure(2).lone
+    # A fresh row failing with nothing delivered since is a sign of an outage; after it the
+    # suspects' failures count as outage failures too.
+    rows.sent(4)
+    assert not rows.failure(4).lone
+    assert not rows.failure(1).lone
 
 
 def test_a_flapping_upstream_strikes_no_one() -> None:
