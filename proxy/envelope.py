@@ -552,3 +552,16 @@ def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
         node[leaf] = value
     _validate_event(event, resolve_type(path_type))
     return event
+
+
+def mask_pixel_key(query: dict[str, str]) -> None:
+    """A write key inside the pixel's base64 `data` is masked there, as in any other event
+    body: the forwarded query string must not carry the secret."""
+    data = query.get("data")
+    if not data:
+        return
+    decoded = json.loads(base64.b64decode(data, validate=True))  # pixel_event checked it
+    before = decoded.get("writeKey")
+    _mask_body_key(decoded)
+    if decoded.get("writeKey") != before:
+        query["data"] = base64.b64encode(_dump(decoded)).decode("ascii")

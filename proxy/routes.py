@@ -336,6 +336,7 @@ async def pixel(request: web.Request) -> web.Response:
         _admit(request, state, key, strict=False)
         event_type = request.match_info["type"]
         event = env.pixel_event(query, event_type)
+        env.mask_pixel_key(query)
         if not event.get("messageId"):
             query["messageId"] = str(uuid.uuid4())
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))

@@ -243,3 +243,20 @@ async def test_pixel_takes_the_first_of_every_repeated_parameter(
     assert pairs(event, "cookie_domain") == ["shop.example"]
     assert pairs(event, "properties.campaign") == ["spring"]
     assert [k for k, _ in event.query_pairs] == list(dict(event.query_pairs))
+
+
+async def test_a_key_inside_the_pixel_data_is_masked_upstream(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    secret_key = "kid:PIXSECRET999"
+    data = base64.b64encode(
+        json.dumps({"event": "px", "writeKey": secret_key, "messageId": "pxk"}).encode()
+    ).decode()
+    resp = await proxy.get("/api/px/track", params={"data": data, "writekey": secret_key})
+    assert resp.status == 200
+    await upstream.wait_for(lambda f: len(f.delivered) == 1)
+    (got,) = upstream.delivered
+    assert "PIXSECRET999" not in got.path + json.dumps(got.query) + got.body.decode()
+    forwarded = json.loads(base64.b64decode(got.query["data"]))
+    assert forwarded == {"event": "px", "writeKey": "kid:***", "messageId": "pxk"}
+    assert got.headers["X-Write-Key"] == secret_key
