@@ -196,7 +196,7 @@ def create_app(config: Config) -> web.Application:
         key_limits=TokenBuckets(
             config.security.rate_limit.per_key_rps, config.security.rate_limit.per_key_burst
         ),
-        offload=Offload(config.limits.inline_parse_bytes),
+        offload=Offload(config.limits.inline_parse_bytes, config.limits.max_parse_queue),
     )
     app[APP_STATE] = state
     metrics.gauges(

@@ -111,8 +111,10 @@ class LimitsConfig:
     max_batch_events: int = 10_000
     # Per-event errors listed in a batch answer; the rest are counted in one last line.
     max_batch_errors: int = 100
-    # Bodies larger than this, and every gzip body, are parsed in a worker process.
+    # Bodies larger than this (gzip ones: a 64th of it) are parsed in a worker process.
     inline_parse_bytes: int = 64 * 1024
+    # Large requests waiting for that worker; more are answered 503 with Retry-After.
+    max_parse_queue: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,6 +391,7 @@ def _check(config: Config) -> None:
         ("limits.max_batch_events", config.limits.max_batch_events < 1),
         ("limits.max_batch_errors", config.limits.max_batch_errors < 0),
         ("limits.inline_parse_bytes", config.limits.inline_parse_bytes < 0),
+        ("limits.max_parse_queue", config.limits.max_parse_queue < 1),
         ("security.rate_limit.per_ip_rps", config.security.rate_limit.per_ip_rps < 0),
         ("security.rate_limit.per_ip_burst", config.security.rate_limit.per_ip_burst < 0),
         ("security.rate_limit.per_key_rps", config.security.rate_limit.per_key_rps < 0),

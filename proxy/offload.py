@@ -9,6 +9,9 @@ import asyncio
 import concurrent.futures
 import functools
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -22,21 +25,43 @@ log = structlog.get_logger("proxy.offload")
 T = TypeVar("T")
 
 
+# A gzip body is inflated inline only when this much smaller than inline_bytes: deflate
+# expands at most about 1 000 times, so what it can become stays small too.
+GZIP_INLINE_FACTOR = 64
+
+
 class Offload:
-    def __init__(self, inline_bytes: int, workers: int = 1) -> None:
+    def __init__(self, inline_bytes: int, max_pending: int = 8, workers: int = 1) -> None:
         self.inline_bytes = inline_bytes
+        self.max_pending = max_pending
         self.workers = workers
+        self.pending = 0
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    async def run(self, size: int, fn: Callable[..., T], *args: Any, inline: bool = True) -> T:
-        """`fn(*args)` inline when `size` is small and `inline` allows, else in the worker."""
-        if inline and size <= self.inline_bytes:
+    async def run(self, size: int, fn: Callable[..., T], *args: Any, gzipped: bool = False) -> T:
+        """`fn(*args)` inline when the body (`size` bytes) is small, else in the worker. At most
+        `max_pending` requests wait for the worker; more are answered 503 at once, so that a
+        flood of large bodies neither piles up in memory nor delays the small ones for long."""
+        limit = self.inline_bytes // GZIP_INLINE_FACTOR if gzipped else self.inline_bytes
+        if size <= limit:
             return fn(*args)
+        if self.pending >= self.max_pending:
+            raise OverloadedError("too many large requests being parsed; try again shortly")
+        self.pending += 1
+        try:
+            return await self._in_worker(size, fn, *args)
+        finally:
+            self.pending -= 1
+
+    async def _in_worker(self, size: int, fn: Callable[..., T], *args: Any) -> T:
         if self._pool is None:
             # spawn, not fork: this process has threads (the buffer's), and a forked child
             # would inherit their locks in whatever state they were.
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_follow_parent,
+                initargs=(os.getpid(),),
             )
         pool = self._pool
         try:
@@ -55,3 +80,16 @@ class Offload:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _follow_parent(parent: int) -> None:
+    """In the worker: exit when the proxy is gone. After a kill -9 of the proxy nothing else
+    ends the worker (it holds its own queue's write end, so it never sees EOF) and it would
+    live on as an orphan, with the resource tracker it keeps open."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()

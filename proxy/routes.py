@@ -158,6 +158,9 @@ async def ingest_batch(request: web.Request) -> web.Response:
     # Authorization / X-Write-Key / ?writekey= come first, and a bad Authorization fails
     # before the body is read, as in Jitsu.
     key = find_write_key(request.headers, request.query)
+    if key is not None:
+        # Known before the body: refused keys and keys over their rate cost no parsing.
+        _admit(request, state, key, strict=True)
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
     # The limit is on the body as received: a label saying gzip buys no larger allowance.
     body = await _read_body(request, limits.max_request_bytes)
@@ -168,11 +171,11 @@ async def ingest_batch(request: web.Request) -> web.Response:
         encoding,
         limits,
         state.config.upstream.max_batch_bytes,
-        inline="gzip" not in encoding.lower(),
+        gzipped="gzip" in encoding.lower(),
     )
     if key is None:
         key = find_write_key({}, {}, prepared.body_key)
-    _admit(request, state, key, strict=True)
+        _admit(request, state, key, strict=True)
     answer: dict[str, Any] = {
         "ok": not prepared.errors,
         "okEvents": prepared.ok_events,

@@ -196,3 +196,36 @@ async def test_a_large_context_is_not_copied_into_every_piece(
     await upstream.wait_for(lambda f: len(f.delivered_set) == 500)
     sent = sum(len(r.body) for r in upstream.delivered)
     assert sent < 2 * len(body), f"{sent} bytes forwarded for a {len(body)}-byte batch"
+
+
+async def test_large_requests_queue_for_the_parser_only_so_far(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """30 concurrent 4 MB batches once queued without bound, and a small gzip batch behind
+    them waited 9 s: past limits.max_parse_queue large requests get 503 at once."""
+    proxy = await make_proxy(limits={"max_parse_queue": 1, "max_batch_events": 50_000})
+    event = {"type": "track", "event": "e", "properties": {"p": "x" * 20}}
+    body = json.dumps({"batch": [event] * 30_000}).encode()
+
+    async def big() -> tuple[int, Any]:
+        resp = await proxy.post("/v1/batch", data=io.BytesIO(body), headers=HEADERS)
+        return resp.status, (resp.headers.get("Retry-After"), await resp.json())
+
+    answers = await asyncio.gather(*(big() for _ in range(8)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    for status, (retry_after, answer) in answers:
+        if status == 503:
+            assert retry_after and "try again" in answer["error"]
+        else:
+            assert answer["okEvents"] == 30_000
+    accepted = statuses.count(200) * 30_000
+    await upstream.wait_for(lambda f: sum(len(r.message_ids) for r in f.delivered) == accepted)
+
+
+async def test_a_refused_key_costs_no_parsing(make_proxy: Any, upstream: FakeJitsu) -> None:
+    proxy = await make_proxy(security={"allowed_key_ids": ["someoneelse"]})
+    body = json.dumps({"batch": [{"type": "page"}] * 20_000}).encode()
+    resp = await proxy.post("/v1/batch", data=io.BytesIO(body), headers=HEADERS)
+    assert resp.status == 401
+    assert state(proxy).offload.pending == 0 and state(proxy).offload._pool is None

@@ -4,6 +4,7 @@ and a taken buffer directory stop it with one clear line."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -208,3 +209,49 @@ def test_config_path_may_come_from_proxy_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "upstream.retry.sleepy" in result.stdout, "the file named by PROXY_CONFIG was read"
+
+
+def children_of(pid: int) -> set[int]:
+    """Processes whose parent is `pid`, from /proc."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(60)
+async def test_the_parser_worker_does_not_outlive_a_killed_proxy(
+    spawn: Any, upstream: FakeJitsu, session: aiohttp.ClientSession
+) -> None:
+    """Found by the attack pass: after kill -9 of the proxy its parser worker (and the
+    resource tracker it holds open) lived on as orphans."""
+    proxy = spawn()
+    proxy.start()
+    await proxy.wait_ready()
+    body = json.dumps({"batch": [{"type": "page", "p": "x" * 100}] * 1000}).encode()
+    async with session.post(
+        f"{proxy.url}/v1/batch",
+        data=body,
+        headers={"X-Write-Key": KEY, "Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 200  # large enough for the worker process
+    workers = children_of(proxy.pid)
+    assert workers, "no worker process was started"
+    proxy.kill()
+    deadline = asyncio.get_running_loop().time() + 10
+    while any(alive(pid) for pid in workers):
+        assert asyncio.get_running_loop().time() < deadline, "the worker outlived the proxy"
+        await asyncio.sleep(0.1)
