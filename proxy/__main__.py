@@ -7,9 +7,11 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import structlog
@@ -17,7 +19,7 @@ from aiohttp import web
 
 from proxy import __version__, deadletters, salvage
 from proxy.app import create_app, server_options
-from proxy.auth import key_id
+from proxy.auth import key_id, mask_key
 from proxy.buffer import DeadLetterFilter
 from proxy.config import Config, load_config
 from proxy.errors import BufferError_, ConfigError, ProxyError, UsageError
@@ -26,7 +28,7 @@ from proxy.logs import configure_logging
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="proxy", description=__doc__)
+    parser = _Parser(prog="proxy", description=__doc__)
     parser.add_argument(
         "--config", default=os.environ.get("PROXY_CONFIG"), help="path to config.yaml"
     )
@@ -105,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("proxy_stopped")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse repeats what it did not understand: a key given without --write-key would be
+    printed whole. Anything shaped like keyId:secret is masked first."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(re.sub(r"(\S+?):\S+", lambda m: mask_key(m.group(0)), message))
 
 
 def _listen(host: str, port: int) -> socket.socket:

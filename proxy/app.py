@@ -109,9 +109,10 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response = error_response(request, exc)
         status = response.status
         origin = request.headers.get(hdrs.ORIGIN)
-        if public:
+        if public or status == 405:
             # A public route's answer echoes the Origin, or lacks CORS headers when none was
-            # sent: a shared cache must key it by Origin (issue 7, finding 11).
+            # sent: a shared cache must key it by Origin (issue 7, finding 11). A 405 is a
+            # public path's answer to another method (cacheable by default) with no route.
             _vary(response, hdrs.ORIGIN)
             if origin and request.method != hdrs.METH_OPTIONS:
                 response.headers.update(routes.cors_headers(origin))
@@ -248,7 +249,7 @@ def create_app(config: Config) -> web.Application:
     if routes.public_routes(config)[0]:
         state.script = ScriptCache(
             origin=config.script.origin or config.upstream.url.rstrip("/") + "/p.js",
-            cache_dir=Path(config.buffer.path) / "script",
+            cache_dir=Path(config.buffer.path).absolute() / "script",
             event_prefix=config.routes.event_prefix,
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,

@@ -38,6 +38,10 @@ SCHEMA_VERSION = 4
 APPLICATION_ID = 0x4A545355  # "JTSU"
 # Most operations one transaction may carry; bounds commit latency under a burst.
 MAX_GROUP = 1024
+# A dead letter's reason is kept to this many characters (upstream chooses its length).
+MAX_REASON_CHARS = 2048
+# What a dead letter counts against buffer.max_dead_letter_bytes: its row and its reason.
+DEAD_SIZE = "size + length(CAST(reason AS BLOB))"
 
 # The salvage ledger: every row copied in from a quarantined file, by its (received_at, seq)
 # there, so that a second run (after a full buffer, or by mistake) copies nothing twice, even
@@ -179,7 +183,8 @@ class Buffer:
         min_free_bytes: int = 0,
         max_dead_letter_bytes: int = 1 << 62,
     ) -> None:
-        self.dir = Path(path)
+        # Absolute once, so that a later change of working directory moves nothing.
+        self.dir = Path(path).absolute()
         self.max_bytes = max_bytes
         self.max_dead_letter_bytes = max_dead_letter_bytes
         self.fsync = fsync
@@ -348,7 +353,7 @@ class Buffer:
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0) FROM events"
             ).fetchone()
             dead, dead_size = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM dead_letter"
+                f"SELECT count(*), coalesce(sum({DEAD_SIZE}), 0) FROM dead_letter"
             ).fetchone()
             # Read back what SQLite actually does, so a silent default cannot hide.
             self.sqlite_settings = {
@@ -409,6 +414,7 @@ class Buffer:
             return row
         if op.kind == "dead_letter":
             seq, status, reason, attempts = op.args
+            reason = reason[:MAX_REASON_CHARS]
             row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
             conn.execute(
                 "INSERT OR REPLACE INTO dead_letter (seq, received_at, key_id, path, headers, body,"
@@ -419,16 +425,18 @@ class Buffer:
                 (time.time(), status, reason, attempts, seq),
             )
             conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
-            return row
+            if row is None:
+                return None
+            return (*row, row[0] + len(reason.encode("utf-8", "surrogatepass")))
         if op.kind == "requeue":
             # Back to the send queue, at its tail, with the exact bytes first stored.
             selection, write_key = op.args
             where, params = selection.sql()
             if write_key is not None:
                 return _requeue_rekeyed(conn, where, params, write_key)
-            count, size, events = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0)"
-                f" FROM dead_letter {where}",
+            count, size, events, dead_size = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(events), 0),"
+                f" coalesce(sum({DEAD_SIZE}), 0) FROM dead_letter {where}",
                 params,
             ).fetchone()
             conn.execute(
@@ -438,14 +446,14 @@ class Buffer:
                 params,
             )
             conn.execute(f"DELETE FROM dead_letter {where}", params)
-            return count, size, events, size
+            return count, size, events, dead_size
         if op.kind == "trim_dead":
             # The oldest dead letters go first, until `excess` bytes are freed.
             excess: int = op.args
             freed = rows = events = 0
             last = None
             for seq, size, n in conn.execute(
-                "SELECT seq, size, events FROM dead_letter ORDER BY seq"
+                f"SELECT seq, {DEAD_SIZE}, events FROM dead_letter ORDER BY seq"
             ):
                 if freed >= excess:
                     break
@@ -664,7 +672,7 @@ class Buffer:
                 self.events -= result[1]
                 if op.kind == "dead_letter":
                     self.dead_rows += 1
-                    self.dead_bytes += result[0]
+                    self.dead_bytes += result[2]
             if op.future.done():
                 continue
             if ok:
@@ -842,7 +850,7 @@ def _requeue_rekeyed(
     new_id = key_id_of(write_key)
     count = size = events = dead_size = 0
     cur = conn.execute(
-        "SELECT received_at, path, headers, body, events, method, size"
+        f"SELECT received_at, path, headers, body, events, method, {DEAD_SIZE}"
         f" FROM dead_letter {where} ORDER BY seq",
         params,
     )
@@ -863,6 +871,17 @@ def _requeue_rekeyed(
     return count, size, events, dead_size
 
 
+def _already_live(conn: sqlite3.Connection, row: SalvagedRow) -> bool:
+    """The row is still in the live buffer itself (salvage of a copy of the live file): its
+    seq there holds the same row, stored at the same instant."""
+    return any(
+        conn.execute(
+            f"SELECT 1 FROM {table} WHERE seq = ? AND received_at = ?", (row.seq, row.received_at)
+        ).fetchone()
+        for table in ("events", "dead_letter")
+    )
+
+
 def _pending_size(rows: Sequence[SalvagedRow]) -> int:
     return sum(r.envelope.stored_size for r in rows if r.failure is None)
 
@@ -872,6 +891,8 @@ def _insert_salvaged(
 ) -> tuple[int, int, int, int, int]:
     count = size = events = dead = dead_size = 0
     for row in rows:
+        if _already_live(conn, row):
+            continue
         # The ledger entry commits with the copy, or neither does: a re-run never doubles.
         known = conn.execute(
             "INSERT OR IGNORE INTO salvaged (received_at, seq) VALUES (?, ?)",
@@ -895,11 +916,19 @@ def _insert_salvaged(
             " failed_at, status, reason, attempts, method)"
             " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?,"
             " method FROM events WHERE seq = ?",
-            (failure.failed_at, failure.status, failure.reason, failure.attempts, seq),
+            (
+                failure.failed_at,
+                failure.status,
+                failure.reason[:MAX_REASON_CHARS],
+                failure.attempts,
+                seq,
+            ),
         )
         conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
         dead += 1
-        dead_size += env.stored_size
+        dead_size += env.stored_size + len(
+            failure.reason[:MAX_REASON_CHARS].encode("utf-8", "surrogatepass")
+        )
     return count, size, events, dead, dead_size
 
 

@@ -561,7 +561,9 @@ def mask_pixel_key(query: dict[str, str]) -> None:
     if not data:
         return
     decoded = json.loads(base64.b64decode(data, validate=True))  # pixel_event checked it
-    before = decoded.get("writeKey")
+    if "writeKey" not in decoded:
+        return  # no spelling of the name is in the text either: the bytes stay as sent
     _mask_body_key(decoded)
-    if decoded.get("writeKey") != before:
-        query["data"] = base64.b64encode(_dump(decoded)).decode("ascii")
+    # Written out again from what was parsed: the raw text may hold the key more than once
+    # (a repeated name, an escaped spelling) where the parsed object shows only the last.
+    query["data"] = base64.b64encode(_dump(decoded)).decode("ascii")

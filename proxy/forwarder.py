@@ -503,8 +503,8 @@ def _partial_batch(body: bytes, key: str | None) -> str | None:
     errors = payload.get("errors")
     if not errors or not isinstance(errors, list):
         return None
-    joined = "; ".join(str(e) for e in errors[:20])
-    return redact(f"upstream rejected {len(errors)} event(s) of the batch: {joined}", key)
+    joined = "; ".join(str(e)[:200] for e in errors[:20])
+    return redact(f"upstream rejected {len(errors)} event(s) of the batch: {joined}", key)[:1024]
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:

@@ -116,6 +116,9 @@ def _open_source(path: Path, live: Path) -> sqlite3.Connection:
         raise SalvageError(f"{path}: no such file")
     if path.is_dir():
         raise SalvageError(f"{path} is a directory; salvage takes a file (…/{DB_NAME})")
+    if not path.is_file():
+        # A FIFO or a device would block the read, or never end.
+        raise SalvageError(f"{path} is not a regular file; salvage takes a buffer file")
     if live.exists() and os.path.samefile(path, live):
         # Its rows are already live: copying them would send every one of them twice.
         raise SalvageError(f"{path} is the live buffer itself; salvage takes a quarantined file")

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from proxy.envelope import Envelope
-from tests.fakejitsu import FakeJitsu
+from tests.fakejitsu import Answer, FakeJitsu
 from tests.test_forwarding import KEY, _until, state
 from tests.test_hostile_upstream import metric
 
@@ -142,7 +142,9 @@ async def test_dead_letters_have_a_bound_of_their_own(make_proxy: Any, upstream:
     await _until(lambda: buf.rows == 0 and buf.dead_dropped_rows > 0)
     await _until(lambda: buf.dead_bytes <= 20_000)
     with sqlite3.connect(buf.dir / "buffer.db") as conn:
-        (on_disk,) = conn.execute("SELECT coalesce(sum(size), 0) FROM dead_letter").fetchone()
+        (on_disk,) = conn.execute(
+            "SELECT coalesce(sum(size + length(CAST(reason AS BLOB))), 0) FROM dead_letter"
+        ).fetchone()
         (kept,) = conn.execute("SELECT min(seq) FROM dead_letter").fetchone()
     assert on_disk == buf.dead_bytes <= 20_000
     assert kept > 1, "the oldest dead letters go first"
@@ -229,3 +231,26 @@ async def test_a_refused_key_costs_no_parsing(make_proxy: Any, upstream: FakeJit
     resp = await proxy.post("/v1/batch", data=io.BytesIO(body), headers=HEADERS)
     assert resp.status == 401
     assert state(proxy).offload.pending == 0 and state(proxy).offload._pool is None
+
+
+async def test_dead_letter_reasons_count_against_their_bound(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """An upstream answering with long error lists once filled 291 MB of disk under a
+    200 KB dead-letter bound: reasons were neither cut nor counted."""
+    proxy = await make_proxy(buffer={"max_dead_letter_bytes": 30_000})
+    upstream.fault = lambda _rec: Answer(200, {"ok": True, "errors": ["E" * 50_000] * 20})
+    for i in range(40):
+        resp = await proxy.post(
+            "/v1/batch", json={"batch": [{"type": "page", "messageId": f"r{i}"}]}, headers=HEADERS
+        )
+        assert resp.status == 200
+    buf = state(proxy).buffer
+    await _until(lambda: buf.rows == 0 and buf.dead_rows + buf.dead_dropped_rows == 40)
+    await _until(lambda: buf.dead_bytes <= 30_000)
+    with sqlite3.connect(buf.dir / "buffer.db") as conn:
+        (stored, longest) = conn.execute(
+            "SELECT sum(size + length(CAST(reason AS BLOB))), max(length(reason)) FROM dead_letter"
+        ).fetchone()
+    assert stored == buf.dead_bytes <= 30_000
+    assert longest <= 1024

@@ -265,3 +265,14 @@ async def test_bad_arguments_exit_1_with_one_error_line(tmp_path: Path, args: li
     (error,) = [json.loads(x) for x in done.stdout.splitlines()]
     assert error["event"] == "dead_letters_failed" and error["level"] == "error"
     assert NEW_SECRET not in done.stdout + done.stderr
+
+
+async def test_a_key_given_without_its_flag_is_not_echoed(tmp_path: Path) -> None:
+    """argparse repeats arguments it does not know: forgetting --write-key printed the secret
+    (second attack pass)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"buffer:\n  path: {tmp_path / 'buffer'}\nlog:\n  format: json\n")
+    done = await cli(config, "--replay", f"kid2:{NEW_SECRET}")
+    assert done.returncode == 2
+    assert "unrecognized arguments: kid2:***" in done.stderr
+    assert NEW_SECRET not in done.stdout + done.stderr

@@ -217,3 +217,13 @@ def test_process_with_a_taken_admin_port_exits_1_saying_so(
             proxy.stop()
     (line,) = [x for x in proxy.log_lines() if x.get("level") == "error"]
     assert line["event"] == "listen_failed" and "in use" in line["error"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/api/s/track"), ("PUT", "/v1/batch")])
+async def test_a_405_on_a_public_path_varies_on_origin(
+    proxy: TestClient[Any, Any], method: str, path: str
+) -> None:
+    """A 405 is cacheable by default; found without Vary by the second attack pass."""
+    resp = await proxy.request(method, path, headers={"Origin": ORIGIN})
+    assert resp.status == 405
+    assert "origin" in vary(resp)

@@ -260,3 +260,16 @@ async def test_a_key_inside_the_pixel_data_is_masked_upstream(
     forwarded = json.loads(base64.b64decode(got.query["data"]))
     assert forwarded == {"event": "px", "writeKey": "kid:***", "messageId": "pxk"}
     assert got.headers["X-Write-Key"] == secret_key
+
+
+async def test_a_repeated_key_inside_the_pixel_data_is_masked_too(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """Found by the second attack pass: with writeKey twice in `data`, the parsed (last) one
+    was already masked and the raw data, secret and all, went upstream."""
+    raw = b'{"event":"dup","writeKey":"kid:DUPSECRET77","writeKey":"kid:***","messageId":"dup"}'
+    resp = await proxy.get("/api/px/track", params={"data": base64.b64encode(raw).decode()})
+    assert resp.status == 200
+    await upstream.wait_for(lambda f: len(f.delivered) == 1)
+    (got,) = upstream.delivered
+    assert b"DUPSECRET77" not in base64.b64decode(got.query["data"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -146,6 +147,13 @@ def the_live_buffer(tmp_path: Path, real: Path) -> Path:
     return tmp_path / "live" / DB_NAME
 
 
+def a_fifo(tmp_path: Path, real: Path) -> Path:
+    """Reading it would block for ever (the second attack pass hung salvage on one)."""
+    fifo = tmp_path / "pipe.db"
+    os.mkfifo(fifo)
+    return fifo
+
+
 @pytest.mark.parametrize(
     ("pick", "says"),
     [
@@ -155,6 +163,7 @@ def the_live_buffer(tmp_path: Path, real: Path) -> Path:
         (foreign_sqlite, "not a buffer"),
         (header_gone, "not a readable SQLite"),
         (the_live_buffer, "live buffer"),
+        (a_fifo, "not a regular file"),
     ],
 )
 async def test_a_wrong_source_fails_loudly(tmp_path: Path, pick: Any, says: str) -> None:
@@ -224,4 +233,18 @@ async def test_rerun_after_a_full_buffer_continues_and_sends_every_event_once(
     buf = Buffer(tmp_path / "buffer", 100_000_000)
     await buf.open()
     assert mids(await buf.dead_letters()) == ["d1"]
+    await buf.close()
+
+
+async def test_a_copy_of_the_live_buffer_adds_nothing(tmp_path: Path) -> None:
+    """Its rows are the live rows themselves: copying them would send each one twice."""
+    live = tmp_path / "live"
+    await source_buffer(live, ["l1", "l2"], [("d1", 400, "bad", 1)])
+    copy = tmp_path / "copy.db"
+    shutil.copy(live / DB_NAME, copy)
+    code, lines = await salvage(write_config(tmp_path, live), copy)
+    assert code == 0, lines
+    buf = Buffer(live, 100_000_000)
+    await buf.open()
+    assert (buf.rows, buf.dead_rows) == (2, 1)
     await buf.close()
