@@ -292,6 +292,9 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=config.upstream.concurrency * 2, keepalive_timeout=30),
         trace_configs=[forwarder.trace_config()],
+        # The client's User-Agent goes upstream, or none: Jitsu stores it with the event, and
+        # aiohttp's own ("Python/3.11 aiohttp/...") is no visitor's (issue 8).
+        skip_auto_headers=[hdrs.USER_AGENT],
     ) as session:
         state.forwarder = forwarder
         forwarder.start(session)

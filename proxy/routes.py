@@ -256,18 +256,37 @@ def _upstream_headers(
     return env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy)
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Alive means the loops that keep events moving run: the buffer's writer and the
-    forwarder. If either ended (the log says why), an orchestrator should restart us."""
-    state = request.app[APP_STATE]
+def _stopped_loops(state: AppState) -> list[str]:
     stopped = []
     if not state.buffer.alive:
         stopped.append("buffer writer")
     if state.forwarder is not None and not state.forwarder.alive:
         stopped.append("forwarder")
+    return stopped
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive means the loops that keep events moving run: the buffer's writer and the
+    forwarder. If either ended (the log says why), an orchestrator should restart us."""
+    stopped = _stopped_loops(request.app[APP_STATE])
     if stopped:
         return json_response({"status": "fail", "stopped": stopped}, status=503)
     return json_response({"status": "pass"})
+
+
+async def jitsu_health(request: web.Request) -> web.Response:
+    """GET /health, in Jitsu's shape (ingest's Health handler), for checks written for Jitsu."""
+    stopped = _stopped_loops(request.app[APP_STATE])
+    if stopped:
+        return json_response(
+            {"status": "fail", "output": ", ".join(stopped) + " stopped"}, status=503
+        )
+    return json_response({"status": "pass"})
+
+
+async def robots(request: web.Request) -> web.Response:
+    """GET /robots.txt as Jitsu answers it: nothing here is for crawlers."""
+    return web.Response(text="User-agent: *\nDisallow: /\n")
 
 
 def relative_to_buffer(text: str, buffer_dir: Path) -> str:
@@ -540,6 +559,9 @@ def add_routes(app: web.Application, config: Config) -> frozenset[str]:
     for path in id_paths:
         app.router.add_get(path, visitor_id)
         app.router.add_route("OPTIONS", path, preflight)
+    if config.routes.jitsu_paths:
+        app.router.add_get("/health", jitsu_health)
+        app.router.add_get("/robots.txt", robots)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

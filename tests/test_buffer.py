@@ -116,7 +116,8 @@ async def test_proxy_answers_503_with_retry_after_when_the_buffer_is_full(
     make_proxy: Any, upstream: FakeJitsu
 ) -> None:
     await upstream.stop()
-    proxy = await make_proxy(buffer={"max_bytes": 2_000})
+    # Rows of about 500 bytes: a refusal leaves the buffer above its 90 % low-water mark.
+    proxy = await make_proxy(buffer={"max_bytes": 8_000})
     statuses = []
     for i in range(40):
         resp = await proxy.post(

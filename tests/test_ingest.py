@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.state import APP_STATE
 from tests.fakejitsu import FakeJitsu
 
 EXAMPLES = json.loads((Path(__file__).parent / "data" / "jitsu_http_api_examples.json").read_text())
@@ -298,3 +300,44 @@ async def test_segment_libraries_get_their_settings_document(
     assert settings["analyticsNextEnabled"] is True
     assert settings["plan"]["track"]["__default"]["enabled"] is True
     assert upstream.received == []
+
+
+async def test_no_user_agent_of_the_proxys_own_goes_upstream(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """Jitsu stores the request's User-Agent with the event; aiohttp's own once went up for
+    clients that sent none (issue 8)."""
+    headers = {"X-Write-Key": "kid:secretsecret", "Content-Type": "application/json"}
+    for mid, agent in (("no-ua", None), ("ua", "curl/8.5")):
+        sent = dict(headers) if agent is None else {**headers, "User-Agent": agent}
+        resp = await proxy.post(
+            "/api/s/s2s/track",
+            data=json.dumps({"event": "e", "messageId": mid}),
+            headers=sent,
+            skip_auto_headers=["User-Agent"],
+        )
+        assert resp.status == 200
+    await upstream.wait_for(lambda f: {"no-ua", "ua"} <= f.delivered_set)
+    by_id = {r.message_ids[0]: r for r in upstream.delivered}
+    assert "User-Agent" not in by_id["no-ua"].headers
+    assert by_id["ua"].headers["User-Agent"] == "curl/8.5"
+
+
+async def test_health_and_robots_are_answered_as_jitsu_answers_them(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    resp = await proxy.get("/health")
+    assert (resp.status, await resp.json()) == (200, {"status": "pass"})
+    robots = await proxy.get("/robots.txt")
+    assert (robots.status, await robots.text()) == (200, "User-agent: *\nDisallow: /\n")
+    assert (await proxy.post("/health")).status == 405
+    assert upstream.received == []
+    task = proxy.server.app[APP_STATE].forwarder._task  # type: ignore[union-attr]
+    task.cancel()
+    while not task.done():
+        await asyncio.sleep(0.01)
+    resp = await proxy.get("/health")
+    assert (resp.status, await resp.json()) == (
+        503,
+        {"status": "fail", "output": "forwarder stopped"},
+    )
