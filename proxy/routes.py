@@ -23,7 +23,7 @@ from proxy import envelope as env
 from proxy.auth import KeySource, WriteKey, find_write_key
 from proxy.clientip import anonymize, is_trusted, resolve_client_ip
 from proxy.config import Config
-from proxy.errors import IngestError, RateLimitedError
+from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
 from proxy.metrics import CONTENT_TYPE
 from proxy.script import etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
@@ -344,13 +344,20 @@ async def metrics(request: web.Request) -> web.Response:
 async def pixel(request: web.Request) -> web.Response:
     """GET /api/px/{type}: the tracking pixel, answered at the edge with the GIF (errors ride in
     X-Jitsu-Error, as in Jitsu); the event is buffered and forwarded like the others, to
-    Jitsu's own pixel route, with only Jitsu's cookies."""
+    Jitsu's own pixel route, with only Jitsu's cookies.
+
+    A pixel sits in an e-mail or behind a link: whatever happens, the answer is the GIF, or
+    the redirect to `destination_url` (from the query, else from the event, as Jitsu reads
+    it). Only Jitsu's own refusal of the event drops the redirect, as in Jitsu; an event the
+    proxy cannot store right now (full buffer, rate limit) still sends the visitor on."""
     state = request.app[APP_STATE]
     request[BROWSER_ROUTE] = True
     headers = dict(cookies.NO_CACHE)
     set_cookies: list[str] = []
     # From here on only this one-value-per-name copy of the query is read.
     query = env.pixel_query(request.query.items())
+    event: dict[str, Any] = {}
+    refused = False
     try:
         client_ip = _client_ip(request, state)
         _limit_ip(state, client_ip)
@@ -373,7 +380,9 @@ async def pixel(request: web.Request) -> web.Response:
                     cookies.set_cookie(
                         "__eventn_id",
                         visitor,
-                        _cookie_domain(request, state, query),
+                        _cookie_domain(
+                            request, state, {"cookie_domain": event.get("cookie_domain")}
+                        ),
                         secure=_is_https(request, state),
                     )
                 )
@@ -385,10 +394,15 @@ async def pixel(request: web.Request) -> web.Response:
         )
         await _commit(request, state, [envelope])
     except IngestError as exc:
+        refused = True
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
-    destination = query.get("destination_url", "")
-    if "X-Jitsu-Error" not in headers and cookies.valid_destination(
-        destination, _hostname(request)
+    except (RateLimitedError, BufferError_, OverloadedError) as exc:
+        headers["X-Jitsu-Error"] = cookies.header_safe(f"event not stored: {exc}")
+    destination = query.get("destination_url") or event.get("destination_url")
+    if (
+        not refused
+        and isinstance(destination, str)
+        and cookies.valid_destination(destination, _hostname(request))
     ):
         response = web.Response(status=302, headers={**headers, hdrs.LOCATION: destination})
     else:
@@ -425,13 +439,15 @@ async def visitor_id(request: web.Request) -> web.Response:
     return response
 
 
-def _cookie_domain(request: web.Request, state: AppState, query: Any) -> str:
+def _cookie_domain(request: web.Request, state: AppState, asking: Any) -> str:
     """privacy.cookie_domain, else a requested domain the host lies within, else the host's
-    registrable domain."""
+    registrable domain. The pixel asks through its event's `cookie_domain` (Jitsu reads it
+    there, not from the query); the id endpoint through its query."""
     host = _hostname(request)
     if state.config.privacy.cookie_domain:
         return state.config.privacy.cookie_domain
-    asked = (query.get("cookie_domain") or query.get("domain") or "").strip().lstrip(".")
+    asked = asking.get("cookie_domain") or asking.get("domain") or ""
+    asked = asked.strip().lstrip(".") if isinstance(asked, str) else ""
     if asked and cookies.host_within(host, asked):
         return asked
     return cookies.registrable_domain(host)
@@ -548,7 +564,8 @@ def add_routes(app: web.Application, config: Config) -> frozenset[str]:
         app.router.add_get(path, serve_script)
         app.router.add_route("OPTIONS", path, preflight)
     for path in pixels:
-        app.router.add_get(path, pixel)
+        # GET only: Jitsu has no HEAD route there, and a HEAD must not record an event.
+        app.router.add_get(path, pixel, allow_head=False)
         app.router.add_route("OPTIONS", path, preflight)
     settings = list(SEGMENT_SETTINGS_PATHS) if config.routes.jitsu_paths else []
     for path in settings:

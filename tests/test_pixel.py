@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy import cookies
+from proxy.state import APP_STATE
 from tests.fakejitsu import FakeJitsu
 
 KEY = "pxKeyId:pxSecret"
@@ -273,3 +274,77 @@ async def test_a_repeated_key_inside_the_pixel_data_is_masked_too(
     await upstream.wait_for(lambda f: len(f.delivered) == 1)
     (got,) = upstream.delivered
     assert b"DUPSECRET77" not in base64.b64decode(got.query["data"])
+
+
+def b64(event: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(event).encode()).decode()
+
+
+async def test_pixel_reads_destination_and_cookie_domain_from_its_event_as_jitsu_does(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """Jitsu takes destination_url from the query, else from the event's data; cookie_domain
+    only from the event (the query's is skipped when the event is built)."""
+    data = b64({"destination_url": "https://shop.example/offer", "cookie_domain": "shop.example"})
+    resp = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "data": data, "process_headers": "1"},
+        headers={"Host": "a.b.shop.example"},
+        allow_redirects=False,
+    )
+    assert resp.status == 302 and resp.headers["Location"] == "https://shop.example/offer"
+    assert "Domain=shop.example;" in resp.headers["Set-Cookie"] + ";"
+    ignored = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "process_headers": "1", "cookie_domain": "b.shop.example"},
+        headers={"Host": "a.b.shop.example"},
+    )
+    # The query's cookie_domain is not Jitsu's: the registrable domain applies.
+    assert "Domain=shop.example;" in ignored.headers["Set-Cookie"] + ";"
+    await upstream.wait_delivered(2)
+
+
+def state(proxy: TestClient[Any, Any]) -> Any:
+    return proxy.server.app[APP_STATE]  # type: ignore[union-attr]
+
+
+async def test_head_on_the_pixel_records_nothing(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    resp = await proxy.head("/api/px/track", params={"writekey": KEY, "event": "opened"})
+    assert resp.status == 405
+    assert proxy.server.app[APP_STATE].buffer.rows == 0  # type: ignore[union-attr]
+    assert upstream.received == []
+
+
+async def test_pixel_answers_gif_or_redirect_when_the_event_cannot_be_stored(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Click-tracking links once landed on a JSON error page under a full buffer."""
+    await upstream.stop()
+    proxy = await make_proxy(buffer={"max_bytes": 1_500})
+    params = {"writekey": KEY, "event": "opened", "properties.pad": "x" * 300}
+    for _ in range(50):  # fill the buffer
+        if (await proxy.get("/api/px/track", params=params)).status != 200:
+            break
+        if state(proxy).buffer.rows and not state(proxy).buffer.writable:
+            break
+    full = await proxy.get("/api/px/track", params=params)
+    assert full.status == 200 and await full.read() == cookies.GIF
+    assert "event not stored: buffer full" in full.headers["X-Jitsu-Error"]
+    away = await proxy.get(
+        "/api/px/track",
+        params={**params, "destination_url": "https://shop.example/next"},
+        allow_redirects=False,
+    )
+    assert away.status == 302 and away.headers["Location"] == "https://shop.example/next"
+    assert "buffer full" in away.headers["X-Jitsu-Error"]
+
+
+async def test_pixel_answers_gif_when_rate_limited(make_proxy: Any) -> None:
+    proxy = await make_proxy(security={"rate_limit": {"per_ip_rps": 1, "per_ip_burst": 1}})
+    answers = [
+        await proxy.get("/api/px/track", params={"writekey": KEY, "event": "e"}) for _ in range(3)
+    ]
+    assert all(a.status == 200 and a.content_type == "image/gif" for a in answers)
+    assert "rate limit" in answers[-1].headers["X-Jitsu-Error"]
