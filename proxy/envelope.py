@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import datetime
 import functools
 import json
 import math
 import re
+import time
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping
@@ -212,6 +214,20 @@ def _validate_event(
             )
 
 
+def accepted_at(now: float | None = None) -> str:
+    """Jitsu's timestamp format: UTC, milliseconds, Z (Go's 2006-01-02T15:04:05.000Z)."""
+    moment = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def ensure_timestamp(event: dict[str, Any], stamp: str | None) -> None:
+    """Jitsu sets `timestamp` to when it received an event that has none; behind the proxy
+    that would be the time of delivery, hours late after an outage. The edge passes the time
+    of acceptance (`stamp`) instead. A client's own timestamp is never changed (issue 8)."""
+    if stamp is not None and event.get("timestamp") is None:
+        event["timestamp"] = stamp
+
+
 def ensure_message_id(event: dict[str, Any]) -> str:
     """Give the event a stable messageId before its first attempt, so retries dedupe upstream."""
     message_id = event.get("messageId")
@@ -235,13 +251,17 @@ def _mask_body_key(event: dict[str, Any]) -> None:
         event["writeKey"] = mask_key(body_key)
 
 
-def parse_single(body: bytes, path_type: str, max_event_bytes: int) -> tuple[bytes, str]:
-    """Validate one event and return its bytes to forward, plus its messageId."""
+def parse_single(
+    body: bytes, path_type: str, max_event_bytes: int, stamp: str | None = None
+) -> tuple[bytes, str]:
+    """Validate one event and return its bytes to forward, plus its messageId; `stamp` is the
+    timestamp it gets if it has none."""
     event = _parse_json(body)
     if not isinstance(event, dict):
         raise IngestError("error parsing message: event must be a JSON object")
     _validate_event(event, resolve_type(path_type))
     message_id = ensure_message_id(event)
+    ensure_timestamp(event, stamp)
     _mask_body_key(event)
     raw = _dump(event)
     _event_size_check(raw, max_event_bytes)
@@ -340,7 +360,10 @@ def _load_array(text: str, pos: int, max_events: int | None) -> tuple[list[Any],
 
 
 def filter_batch(
-    payload: dict[str, Any], max_event_bytes: int, max_errors: int | None = None
+    payload: dict[str, Any],
+    max_event_bytes: int,
+    max_errors: int | None = None,
+    stamp: str | None = None,
 ) -> BatchResult:
     """Keep the valid events of a batch; report the others the way Jitsu's batch answer does,
     listing at most `max_errors` of them (a hostile batch must not make a huge answer).
@@ -357,6 +380,7 @@ def filter_batch(
             error = f"Event #{index}: error parsing message: event must be a JSON object"
         else:
             message_id = ensure_message_id(event)
+            ensure_timestamp(event, stamp)
             _mask_body_key(event)
             try:
                 _validate_event(event, "track" if default_name else "event", default_name)
@@ -423,14 +447,18 @@ class PreparedBatch:
 
 
 def prepare_batch(
-    body: bytes, encoding: str, limits: LimitsConfig, max_forward_bytes: int
+    body: bytes,
+    encoding: str,
+    limits: LimitsConfig,
+    max_forward_bytes: int,
+    stamp: str | None = None,
 ) -> PreparedBatch:
     """Inflate, parse, validate and split a batch body. Pure and picklable: large bodies run
     in a worker process (proxy.offload)."""
     if "gzip" in encoding.lower() and body[:2] == b"\x1f\x8b":
         body = decompress(body, encoding, limits.max_decompressed_bytes, limits.max_gzip_members)
     payload = parse_batch_payload(body, limits.max_batch_events)
-    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors)
+    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors, stamp)
     return PreparedBatch(
         body_key=payload.get("writeKey"),
         received=result.received,

@@ -132,7 +132,7 @@ async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
     body = await _read_body(request, limits.max_request_bytes)
     # Jitsu does not inflate single-event bodies; a gzip one fails to parse there and here.
     raw, _message_id = await state.offload.run(
-        len(body), env.parse_single, body, event_type, limits.max_event_bytes
+        len(body), env.parse_single, body, event_type, limits.max_event_bytes, env.accepted_at()
     )
     upstream_path = f"/api/s/{'s2s/' if s2s else ''}{event_type}"
     envelope = env.build_envelope(
@@ -171,6 +171,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
         encoding,
         limits,
         state.config.upstream.max_batch_bytes,
+        env.accepted_at(),
         gzipped="gzip" in encoding.lower(),
     )
     if key is None:
@@ -368,6 +369,9 @@ async def pixel(request: web.Request) -> web.Response:
         env.mask_pixel_key(query)
         if not event.get("messageId"):
             query["messageId"] = str(uuid.uuid4())
+        if event.get("timestamp") is None:
+            # When the proxy took it, not when Jitsu gets it (hours later after an outage).
+            query["timestamp"] = env.accepted_at()
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
         forward = _upstream_headers(request, state, key, client_ip)
         del forward[hdrs.CONTENT_TYPE]

@@ -570,6 +570,10 @@ def expected_query(params: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+# Jitsu's timestamp format, which the edge stamps events that have none with.
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
 def mask_expected(event: dict[str, Any], got: dict[str, Any]) -> None:
     """`got` is `event` as forwarded: same fields, a messageId, a body writeKey masked."""
     sent_id = event.get("messageId")
@@ -581,8 +585,13 @@ def mask_expected(event: dict[str, Any], got: dict[str, Any]) -> None:
         assert got["writeKey"].endswith(":***")
     else:
         assert got.get("writeKey", "absent") == event.get("writeKey", "absent")
-    rest = {k: v for k, v in event.items() if k not in {"messageId", "writeKey"}}
-    assert {k: v for k, v in got.items() if k not in {"messageId", "writeKey"}} == rest
+    own = {"messageId", "writeKey"}
+    if event.get("timestamp") is None:
+        # Stamped at the edge with the time of acceptance, in Jitsu's format.
+        assert STAMP.fullmatch(got["timestamp"]), got["timestamp"]
+        own.add("timestamp")
+    rest = {k: v for k, v in event.items() if k not in own}
+    assert {k: v for k, v in got.items() if k not in own} == rest
 
 
 def server_of(client: TestClient[Any, Any]) -> TestServer:
@@ -996,6 +1005,8 @@ async def test_pixel_survives_anything(
         expected = expected_query(shot.params)
         added, sent_id = forwarded.pop("messageId", None), expected.pop("messageId", None)
         assert added == sent_id or (not sent_id and added)  # kept, or one given at the edge
+        stamp, sent_stamp = forwarded.pop("timestamp", None), expected.pop("timestamp", None)
+        assert stamp == sent_stamp or (not sent_stamp and STAMP.fullmatch(stamp or ""))
         if expected.get("data"):
             # The data's event as sent, but a write key in it masked (the secret stays home).
             sent = json.loads(base64.b64decode(expected.pop("data")))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +147,11 @@ async def test_batch_keeps_top_level_context_and_drops_body_key(
     assert "writeKey" not in body
     assert SECRET not in got.body.decode()
     assert body["context"] == payload["context"]
-    assert body["batch"] == payload["batch"]
+    # Each event as sent, stamped with the time the proxy accepted it (it had none).
+    assert [{k: v for k, v in e.items() if k != "timestamp"} for e in body["batch"]] == (
+        payload["batch"]
+    )
+    assert len({e["timestamp"] for e in body["batch"]}) == 1
     only_write_key(got.headers, KEY)
 
 
@@ -341,3 +347,44 @@ async def test_health_and_robots_are_answered_as_jitsu_answers_them(
         503,
         {"status": "fail", "output": "forwarder stopped"},
     )
+
+
+async def test_events_without_a_timestamp_get_the_time_of_acceptance(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """Jitsu stamps an event that has none when it receives it: after an outage that would be
+    the time of delivery, hours late. The edge stamps it when it accepts it; a client's own
+    timestamp is never changed."""
+    await upstream.stop()
+    before = datetime.datetime.now(datetime.UTC)
+    headers = {"X-Write-Key": KEY}
+    for path, body in (
+        ("/api/s/s2s/track", {"event": "e", "messageId": "s1"}),
+        ("/api/s/track", {"event": "e", "messageId": "s2", "timestamp": "2020-01-02T03:04:05Z"}),
+        ("/v1/batch", {"batch": [{"type": "page", "messageId": "s3"}]}),
+    ):
+        assert (await proxy.post(path, json=body, headers=headers)).status == 200
+    pixel = await proxy.get(
+        "/api/px/track", params={"writekey": KEY, "event": "e", "messageId": "s4"}
+    )
+    assert pixel.status == 200
+    after = datetime.datetime.now(datetime.UTC)
+    await asyncio.sleep(1.2)  # an outage: delivery comes later than acceptance
+    await upstream.start()
+    await upstream.wait_for(lambda f: len(f.delivered) >= 4, timeout=15)
+    stamps = {}
+    for rec in upstream.delivered:
+        if rec.method == "GET":
+            stamps[rec.query["messageId"]] = rec.query["timestamp"]
+            continue
+        payload = rec.json()
+        for event in payload.get("batch", [payload]):
+            stamps[event["messageId"]] = event["timestamp"]
+    assert stamps["s2"] == "2020-01-02T03:04:05Z"
+    for mid in ("s1", "s3", "s4"):
+        stamp = stamps[mid]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+        when = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.UTC
+        )
+        assert before - datetime.timedelta(milliseconds=1) <= when <= after, (mid, stamp)
