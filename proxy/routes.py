@@ -477,38 +477,26 @@ SEGMENT_SETTINGS_PATHS = (
 )
 
 
-def segment_settings(write_key: str) -> dict[str, Any]:
-    default = {"enabled": True}
-    return {
-        "integrations": {
-            "Actions Google Analytic 4": {"versionSettings": {"componentTypes": []}},
-            "Segment.io": {
-                "apiKey": write_key,
-                "unbundledIntegrations": [],
-                "addBundledMetadata": True,
-                "maybeBundledConfigIds": {},
-                "versionSettings": {"version": "4.4.7", "componentTypes": ["browser"]},
-            },
-        },
-        "plan": {
-            "track": {"__default": {**default, "integrations": {}}},
-            "identify": {"__default": default},
-            "group": {"__default": default},
-        },
-        "edgeFunction": {},
-        "analyticsNextEnabled": True,
-        "middlewareSettings": {},
-        "enabledMiddleware": {},
-        "metrics": {"sampleRate": 0.1},
-        "legacyVideoPluginsEnabled": False,
-        "remotePlugins": [],
-    }
+# Jitsu's document today (ingest/router_segment_settings_handler.go, "reduce payload of
+# settings response"), byte for byte around the key.
+SEGMENT_SETTINGS_HEAD = b'{"integrations":{"Segment.io":{"apiKey":'
+SEGMENT_SETTINGS_TAIL = (
+    b',"versionSettings":{"version":"4.4.7","componentTypes":["browser"]}}},'
+    b'"plan":{"track":{"__default":{"enabled":true}},"identify":{"__default":{"enabled":true}},'
+    b'"group":{"__default":{"enabled":true}}},"analyticsNextEnabled":true}'
+)
+
+
+def segment_settings(write_key: str) -> bytes:
+    # Jitsu pastes the key in raw; quoted here, so that no key can break the JSON.
+    return SEGMENT_SETTINGS_HEAD + json.dumps(write_key).encode() + SEGMENT_SETTINGS_TAIL
 
 
 async def serve_segment_settings(request: web.Request) -> web.Response:
     """The settings document a Segment library asks for before it sends anything."""
-    return json_response(
-        segment_settings(request.match_info.get("writeKey", "")),
+    return web.Response(
+        body=segment_settings(request.match_info.get("writeKey", "")),
+        content_type="application/json",
         headers={hdrs.CACHE_CONTROL: "public, max-age=86400"},
     )
 

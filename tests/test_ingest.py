@@ -301,10 +301,13 @@ async def test_segment_libraries_get_their_settings_document(
     assert resp.status == 200
     assert resp.headers["Cache-Control"] == "public, max-age=86400"
     assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
-    settings = await resp.json()
-    assert settings["integrations"]["Segment.io"]["apiKey"] == "segKey"
-    assert settings["analyticsNextEnabled"] is True
-    assert settings["plan"]["track"]["__default"]["enabled"] is True
+    # What Jitsu serves today (router_segment_settings_handler.go), byte for byte.
+    assert await resp.read() == (
+        b'{"integrations":{"Segment.io":{"apiKey":"segKey","versionSettings":{"version":"4.4.7",'
+        b'"componentTypes":["browser"]}}},"plan":{"track":{"__default":{"enabled":true}},'
+        b'"identify":{"__default":{"enabled":true}},"group":{"__default":{"enabled":true}}},'
+        b'"analyticsNextEnabled":true}'
+    )
     assert upstream.received == []
 
 
