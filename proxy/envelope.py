@@ -582,15 +582,16 @@ def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
     return event
 
 
-def mask_pixel_key(query: dict[str, str]) -> None:
+def mask_pixel_key(query: dict[str, str], event: Mapping[str, Any]) -> None:
     """A write key inside the pixel's base64 `data` is masked there, as in any other event
-    body: the forwarded query string must not carry the secret."""
+    body: the forwarded query string must not carry the secret. `event` is what pixel_event
+    built from that query: its `writeKey` can only come from `data` (the query's own writekey
+    is never set on the event), and without one no spelling of the name is in `data` either,
+    whose bytes then stay as sent."""
     data = query.get("data")
-    if not data:
+    if not data or "writeKey" not in event:
         return
     decoded = json.loads(base64.b64decode(data, validate=True))  # pixel_event checked it
-    if "writeKey" not in decoded:
-        return  # no spelling of the name is in the text either: the bytes stay as sent
     _mask_body_key(decoded)
     # Written out again from what was parsed: the raw text may hold the key more than once
     # (a repeated name, an escaped spelling) where the parsed object shows only the last.

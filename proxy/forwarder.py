@@ -69,14 +69,12 @@ class _HandBack(Exception):
         *,
         sent: bool = True,
         verdict: RowVerdict | None = None,
-        location: str | None = None,
     ) -> None:
         super().__init__(status)
         self.status = status
         self.retry_after_s = retry_after_s
         self.sent = sent
         self.verdict = verdict
-        self.location = location
 
 
 class _InRequestRetry(ExponentialRetry):
@@ -243,7 +241,6 @@ class Forwarder:
             # A row failed while we read: the cursor went back for it, and moving it forward
             # past these rows would skip that row until the next restart. Read again.
             return
-        rows = [r for r in rows if r.seq not in self.inflight and r.seq not in self.parked]
         if not rows:
             self._slot_freed.clear()
             waits: list[Any] = [self.buffer.new_data.wait(), self._slot_freed.wait()]
@@ -453,7 +450,6 @@ class Forwarder:
                 hb.retry_after_s,
                 sent=hb.sent,
                 verdict=hb.verdict,
-                location=hb.location,
             )
         except (aiohttp.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
             # The stored request itself cannot be sent (a header or URL aiohttp refuses):

@@ -19,24 +19,21 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class _GaugeCallbacks(Collector):
-    def __init__(self, gauges: dict[str, tuple[str, Callable[[], float]]]) -> None:
-        self._gauges = gauges
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        for name, (doc, read) in self._gauges.items():
-            yield GaugeMetricFamily(name, doc, value=read())
+Reads = dict[str, tuple[str, Callable[[], float]]]
 
 
-class _CounterCallbacks(Collector):
-    """Counters kept by a component itself (the buffer's), read at scrape time."""
+class _Callbacks(Collector):
+    """Values kept by the components themselves (buffer, forwarder), read at scrape time."""
 
-    def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
-        self._counters = counters
+    def __init__(
+        self, family: type[GaugeMetricFamily] | type[CounterMetricFamily], reads: Reads
+    ) -> None:
+        self._family = family
+        self._reads = reads
 
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        for name, (doc, read) in self._counters.items():
-            yield CounterMetricFamily(name, doc, value=read())
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        for name, (doc, read) in self._reads.items():
+            yield self._family(name, doc, value=read())
 
 
 class Metrics:
@@ -65,11 +62,11 @@ class Metrics:
             "proxy_events_dead_lettered", "Events moved to the dead-letter store", registry=r
         )
 
-    def gauges(self, gauges: dict[str, tuple[str, Callable[[], float]]]) -> None:
-        self.registry.register(_GaugeCallbacks(gauges))
+    def gauges(self, gauges: Reads) -> None:
+        self.registry.register(_Callbacks(GaugeMetricFamily, gauges))
 
-    def counters(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
-        self.registry.register(_CounterCallbacks(counters))
+    def counters(self, counters: Reads) -> None:
+        self.registry.register(_Callbacks(CounterMetricFamily, counters))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -366,7 +366,7 @@ async def pixel(request: web.Request) -> web.Response:
         _admit(request, state, key, strict=False)
         event_type = request.match_info["type"]
         event = env.pixel_event(query, event_type)
-        env.mask_pixel_key(query)
+        env.mask_pixel_key(query, event)
         if not event.get("messageId"):
             query["messageId"] = str(uuid.uuid4())
         if event.get("timestamp") is None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app, server_options
@@ -34,6 +36,18 @@ def test_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """The proxy's structlog lines, rendered as in production, into a buffer for this test."""
+    previous = structlog.get_config()
+    sink = io.StringIO()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sink))
+    try:
+        yield sink
+    finally:
+        structlog.configure(**previous)
 
 
 @pytest.fixture

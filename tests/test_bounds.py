@@ -127,7 +127,9 @@ def test_stored_size_counts_headers_key_and_path() -> None:
     assert big.stored_size - small.stored_size >= 100 + 1000 + 49
 
 
-async def test_dead_letters_have_a_bound_of_their_own(make_proxy: Any, upstream: FakeJitsu) -> None:
+async def test_dead_letters_have_a_bound_of_their_own(
+    make_proxy: Any, upstream: FakeJitsu, logs: io.StringIO
+) -> None:
     proxy = await make_proxy(buffer={"max_dead_letter_bytes": 20_000})
     ids = [f"d{i}" for i in range(60)]
     upstream.reject = set(ids)
@@ -150,6 +152,9 @@ async def test_dead_letters_have_a_bound_of_their_own(make_proxy: Any, upstream:
     assert kept > 1, "the oldest dead letters go first"
     assert await metric(proxy, "proxy_dead_letters_dropped_total") == buf.dead_dropped_rows
     assert buf.dead_rows + buf.dead_dropped_rows == 60
+    said = [json.loads(line) for line in logs.getvalue().splitlines()]
+    drops = [x for x in said if x["event"] == "dead_letters_dropped"]
+    assert sum(x["rows"] for x in drops) == buf.dead_dropped_rows, "every drop is logged"
 
 
 async def test_request_size_limit_holds_whatever_the_encoding_says(

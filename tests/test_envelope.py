@@ -670,3 +670,15 @@ def test_build_envelope() -> None:
 
 def test_build_envelope_without_key() -> None:
     assert build_envelope("/api/s/page", {}, b"{}", 1, None).key_id == ""
+
+
+def test_an_event_too_deep_to_write_out_is_its_own_error_not_a_crash() -> None:
+    """JSON parsed a few frames up the stack can be too deep for json.dumps further down: that
+    is the event's own 400, and the rest of the batch goes on."""
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    payload = {"batch": [{"type": "page", "messageId": "deep", "p": deep}, {"type": "page"}]}
+    result = filter_batch(payload, BIG)
+    assert result.ok_events == 1
+    assert result.errors == ["Message ID: deep: error parsing message: JSON nested too deeply"]

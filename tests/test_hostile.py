@@ -17,13 +17,11 @@ import json
 import re
 import string
 import unicodedata
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, unquote
 
 import hypothesis
 import pytest
-import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -700,18 +698,6 @@ async def edge(make_proxy: Any) -> TestClient[Any, Any]:
     # fsync off: these tests are about what is accepted, not power loss; it keeps them quick.
     client: TestClient[Any, Any] = await make_proxy(buffer={"fsync": False})
     return client
-
-
-@pytest.fixture
-def logs() -> Iterator[io.StringIO]:
-    """The proxy's structlog lines, rendered as in production, into a buffer for this test."""
-    previous = structlog.get_config()
-    sink = io.StringIO()
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sink))
-    try:
-        yield sink
-    finally:
-        structlog.configure(**previous)
 
 
 # ---- properties ---------------------------------------------------------------------------

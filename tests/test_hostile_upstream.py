@@ -5,6 +5,8 @@ write key goes to upstream.url and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,7 +38,11 @@ async def metric(proxy: TestClient[Any, Any], name: str) -> float:
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 async def test_redirects_are_not_followed_and_lose_nothing(
-    proxy: TestClient[Any, Any], upstream: FakeJitsu, elsewhere: FakeJitsu, status: int
+    proxy: TestClient[Any, Any],
+    upstream: FakeJitsu,
+    elsewhere: FakeJitsu,
+    status: int,
+    logs: io.StringIO,
 ) -> None:
     upstream.fault = lambda _rec: Answer(
         status, {}, {"Location": f"{elsewhere.url}/api/s/track?x=1"}
@@ -51,6 +57,9 @@ async def test_redirects_are_not_followed_and_lose_nothing(
     ready = await (await proxy.get("/readyz")).json()
     assert ready["upstream"]["redirected_to"] == f"{elsewhere.url}/api/s/track"
     assert await metric(proxy, "proxy_upstream_redirected") == 1
+    said = [json.loads(line) for line in logs.getvalue().splitlines()]
+    (line,) = [x for x in said if x["event"] == "upstream_redirect"]  # once, not per attempt
+    assert line["location"] == f"{elsewhere.url}/api/s/track" and line["level"] == "error"
 
     upstream.fault = None  # upstream.url fixed (here: upstream stops redirecting)
     await upstream.wait_for(lambda f: len(f.delivered_set) == 3)

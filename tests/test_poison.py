@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import sqlite3
 from typing import Any
@@ -104,7 +105,9 @@ async def test_the_writer_survives_an_operation_that_raises(
 
 
 @pytest.mark.parametrize("loop", ["buffer writer", "forwarder"])
-async def test_healthz_fails_when_a_loop_has_ended(proxy: TestClient[Any, Any], loop: str) -> None:
+async def test_healthz_fails_when_a_loop_has_ended(
+    proxy: TestClient[Any, Any], loop: str, logs: io.StringIO
+) -> None:
     assert (await proxy.get("/healthz")).status == 200
     task = state(proxy).buffer._writer if loop == "buffer writer" else state(proxy).forwarder._task
     task.cancel()
@@ -112,6 +115,12 @@ async def test_healthz_fails_when_a_loop_has_ended(proxy: TestClient[Any, Any], 
     resp = await proxy.get("/healthz")
     assert resp.status == 503
     assert await resp.json() == {"status": "fail", "stopped": [loop]}
+    # And the log says why, for whoever restarts us.
+    said = {json.loads(line)["event"] for line in logs.getvalue().splitlines()}
+    stopped = (
+        "buffer_writer_stopped" if loop == "buffer writer" else "forwarder_stopped_unexpectedly"
+    )
+    assert stopped in said
 
 
 # ---- the class: every stored field, every route --------------------------------------------
