@@ -15,11 +15,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-RUN groupadd --system --gid 10001 proxy \
-    && useradd --system --uid 10001 --gid proxy --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin proxy \
+# Not "proxy": Debian images (python:3.11-slim included) already have a user and a group of that
+# name (uid/gid 13), and groupadd would fail.
+RUN groupadd --system --gid 10001 jitsuproxy \
+    && useradd --system --uid 10001 --gid jitsuproxy --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin jitsuproxy \
     && mkdir -p /var/lib/jitsu-proxy /etc/jitsu-proxy \
-    && chown proxy:proxy /var/lib/jitsu-proxy
+    && chown jitsuproxy:jitsuproxy /var/lib/jitsu-proxy
 
 WORKDIR /src
 

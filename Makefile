@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-faults bench check lint clean
+.PHONY: install run test test-faults image-test bench check lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 # Long fault scenarios (kill -9 loops, outages, disk full); .ci/run runs them too.
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Builds the image from the Dockerfile with podman, runs and probes it (root; apt-get installs
+# podman, runc and mmdebstrap when missing). The Debian base is cached in .cache/image-test/.
+image-test:
+	bash deploy/image-test.sh
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.load
