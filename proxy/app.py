@@ -33,6 +33,7 @@ from proxy.forwarder import Forwarder
 from proxy.metrics import Metrics
 from proxy.offload import Offload
 from proxy.ratelimit import TokenBuckets
+from proxy.refusals import KeyRefusals
 from proxy.script import ScriptCache, ScriptUnavailableError
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
@@ -198,6 +199,7 @@ def create_app(config: Config) -> web.Application:
             config.security.rate_limit.per_key_rps, config.security.rate_limit.per_key_burst
         ),
         offload=Offload(config.limits.inline_parse_bytes, config.limits.max_parse_queue),
+        refusals=KeyRefusals(config.upstream.key_refusal_ttl_s),
     )
     app[APP_STATE] = state
     metrics.gauges(
@@ -234,6 +236,10 @@ def create_app(config: Config) -> web.Application:
             "proxy_dead_letter_max_bytes": (
                 "Configured dead-letter bound",
                 lambda: buffer.max_dead_letter_bytes,
+            ),
+            "proxy_key_refusals_remembered": (
+                "Keys upstream refused (stream not found), answered at the edge for a while",
+                lambda: len(state.refusals),
             ),
         }
     )
@@ -288,9 +294,13 @@ async def _script_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[APP_STATE]
     config = state.config
-    forwarder = Forwarder(state.buffer, config.upstream, state.metrics)
+    forwarder = Forwarder(state.buffer, config.upstream, state.metrics, state.refusals)
+    # Rows sent at once for waiting browsers must not queue behind the backlog for a socket.
+    sync = config.upstream.sync_max_in_flight if config.upstream.sync_browser else 0
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=config.upstream.concurrency * 2, keepalive_timeout=30),
+        connector=aiohttp.TCPConnector(
+            limit=config.upstream.concurrency * 2 + sync, keepalive_timeout=30
+        ),
         trace_configs=[forwarder.trace_config()],
         # The client's User-Agent goes upstream, or none: Jitsu stores it with the event, and
         # aiohttp's own ("Python/3.11 aiohttp/...") is no visitor's (issue 8).

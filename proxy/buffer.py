@@ -117,6 +117,21 @@ class Row:
     # Why this row cannot be sent as stored (its headers do not decode), else None.
     problem: str | None = None
 
+    @classmethod
+    def committed(cls, env: Envelope, seq: int) -> Row:
+        """The row `append` just stored as `seq` for `env`, without reading it back."""
+        return cls(
+            seq,
+            time.time(),
+            env.key_id,
+            env.path,
+            env.headers,
+            env.body,
+            env.stored_size,
+            env.events,
+            env.method,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetterFilter:

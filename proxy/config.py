@@ -81,6 +81,16 @@ class UpstreamConfig:
     # A batch is forwarded in pieces of at most this many bytes (each with the batch's
     # context), so that no load balancer's body limit in front of Jitsu refuses it.
     max_batch_bytes: int = 1024 * 1024
+    # Browser routes (/api/s/{type}): after the commit, send the event at once and answer the
+    # browser with Jitsu's own answer (device destinations included) if it comes within
+    # sync_timeout_s; else {"ok":true} and the forwarder delivers it as usual (issue 8).
+    sync_browser: bool = True
+    sync_timeout_s: float = 1.0
+    # Rows sent at once for browser answers, on top of `concurrency`; past it, {"ok":true}.
+    sync_max_in_flight: int = 256
+    # How long upstream's "stream not found" for a key (per route kind and Host) is
+    # remembered and answered at the edge, without buffering; 0 = never remembered.
+    key_refusal_ttl_s: float = 60.0
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 
 
@@ -380,6 +390,9 @@ def _check(config: Config) -> None:
         ("upstream.retry.max_retry_after_s", config.upstream.retry.max_retry_after_s < 0),
         ("upstream.retry.max_row_failures", config.upstream.retry.max_row_failures < 1),
         ("upstream.max_batch_bytes", config.upstream.max_batch_bytes < 1024),
+        ("upstream.sync_timeout_s", config.upstream.sync_timeout_s <= 0),
+        ("upstream.sync_max_in_flight", config.upstream.sync_max_in_flight < 1),
+        ("upstream.key_refusal_ttl_s", config.upstream.key_refusal_ttl_s < 0),
         ("buffer.path", not config.buffer.path),
         ("buffer.max_bytes", config.buffer.max_bytes <= 0),
         ("buffer.min_free_bytes", config.buffer.min_free_bytes < 0),

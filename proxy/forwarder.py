@@ -7,6 +7,10 @@ cannot pass for an outage; such a row is parked with a backoff of its own while 
 on, and dead-lettered after `upstream.retry.max_row_failures` lone failures (retry.RowFailures).
 Redirects are never followed: the write key goes to `upstream.url` and nowhere else.
 Nothing waits in memory but the rows in flight.
+
+A browser row may be sent at once instead of waiting for its turn (`answer_now`), so that the
+browser gets Jitsu's own answer, device destinations included (issue 8); it is the same row
+and the same delivery task either way, never two at once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from proxy.buffer import Buffer, Row
 from proxy.config import UpstreamConfig
 from proxy.errors import BufferError_
 from proxy.metrics import Metrics
+from proxy.refusals import STREAM_NOT_FOUND, KeyRefusals, fingerprint
 from proxy.retry import (
     RETRY_STATUSES,
     Backoff,
@@ -57,6 +62,20 @@ class Attempt:
     # Set when the failure was already counted (inside the request, by get_timeout).
     verdict: RowVerdict | None = None
     location: str | None = None  # where a redirect pointed
+    # Jitsu's answer as it came (for a browser waiting on it) and its refusal message, if any.
+    body: bytes = b""
+    content_type: str = "application/json"
+    jitsu_error: str | None = None
+    whole: bool = True  # false: `body` is only the first MAX_RESPONSE_BYTES of the answer
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamAnswer:
+    """Jitsu's verdict on a row, to be passed on to the client as it came."""
+
+    status: int
+    body: bytes
+    content_type: str
 
 
 class _HandBack(Exception):
@@ -115,7 +134,13 @@ class _InRequestRetry(ExponentialRetry):
 
 
 class Forwarder:
-    def __init__(self, buffer: Buffer, config: UpstreamConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        buffer: Buffer,
+        config: UpstreamConfig,
+        metrics: Metrics,
+        refusals: KeyRefusals | None = None,
+    ) -> None:
         self.buffer = buffer
         self.config = config
         self.metrics = metrics
@@ -148,6 +173,13 @@ class Forwarder:
         self.inflight: dict[int, asyncio.Task[None]] = {}
         self.sending = 0
         self.attempts: collections.Counter[int] = collections.Counter()
+        # Clients waiting for the first answer to a row (answer_now), and that answer while
+        # the row is being settled; both go when the row's task ends.
+        self._waiters: dict[int, asyncio.Future[Attempt | None]] = {}
+        self._answered: dict[int, Attempt] = {}
+        # Rows sent out of turn for a waiting browser and not yet answered.
+        self.sync_sending = 0
+        self.refusals = refusals if refusals is not None else KeyRefusals(config.key_refusal_ttl_s)
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -251,14 +283,42 @@ class Forwarder:
             return
         for row in rows:
             self.cursor = max(self.cursor, row.seq)
-            self._launch(row, f"send-{row.seq}")
+            if row.seq not in self.inflight:  # else sent at once for a browser meanwhile
+                self._launch(row, f"send-{row.seq}")
 
-    def _launch(self, row: Row, name: str) -> asyncio.Task[None]:
+    def _launch(self, row: Row, name: str, *, sync: bool = False) -> asyncio.Task[None]:
         self.sending += 1
         self.row_failures.sent(row.seq)
-        task = asyncio.create_task(self._deliver(row), name=name)
+        task = asyncio.create_task(self._deliver(row, sync=sync), name=name)
         self.inflight[row.seq] = task
         return task
+
+    async def answer_now(self, row: Row, timeout_s: float) -> UpstreamAnswer | None:
+        """Send a just-committed row at once (or join its delivery, if the loop took it first)
+        and return Jitsu's verdict if it comes within `timeout_s`. None when there is none to
+        pass on: upstream is failing (no waiting then), too many such sends are out, the
+        answer is trouble rather than a verdict, or it is late; the row is delivered from the
+        buffer as usual in every case."""
+        if self.failing or self.stopping or self.client is None:
+            return None
+        done = self._answered.get(row.seq)
+        if done is not None:
+            return _verdict(done)
+        waiter = self._waiters.get(row.seq)
+        if waiter is None:
+            if row.seq not in self.inflight:
+                if row.seq <= self.cursor and row.seq not in self.parked:
+                    return None  # already taken by the loop and settled: nothing to wait for
+                if self.sync_sending >= self.config.sync_max_in_flight:
+                    return None
+                self.parked.pop(row.seq, None)
+                self._launch(row, f"sync-{row.seq}", sync=True)
+            waiter = self._waiters[row.seq] = asyncio.get_running_loop().create_future()
+        try:
+            attempt = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            return None
+        return None if attempt is None else _verdict(attempt)
 
     def _unpark_due(self) -> None:
         now = time.monotonic()
@@ -296,7 +356,9 @@ class Forwarder:
         finally:
             self.probe_seq = None
 
-    async def _deliver(self, row: Row) -> None:
+    async def _deliver(self, row: Row, *, sync: bool = False) -> None:
+        if sync:
+            self.sync_sending += 1
         try:
             try:
                 attempt = await self._attempt(row)
@@ -304,8 +366,12 @@ class Forwarder:
                 # The slot is free once upstream answered; the row stays excluded from fetches
                 # (in `inflight`) until its delete or dead-letter is committed.
                 self.sending -= 1
+                if sync:
+                    self.sync_sending -= 1
                 self._slot_freed.set()
+            self._answer_waiters(row.seq, attempt)
             self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
+            self._note_key_verdict(row, attempt)
             if attempt.outcome is Outcome.RETRY:
                 verdict = self._failed(row, attempt)
                 if verdict is None or not verdict.dead:
@@ -345,6 +411,8 @@ class Forwarder:
             self._rewind()
         finally:
             self.inflight.pop(row.seq, None)
+            self._answered.pop(row.seq, None)
+            self._answer_waiters(row.seq, None)
             if self.probe_seq == row.seq:
                 self.probe_seq = None
             self._slot_freed.set()
@@ -363,6 +431,30 @@ class Forwarder:
             key = row.headers.get("X-Write-Key")
             reason = redact(f"internal error: {type(exc).__name__}: {exc}", key)
             return Attempt(Outcome.RETRY, None, reason)
+
+    def _answer_waiters(self, seq: int, attempt: Attempt | None) -> None:
+        """Hand the first answer to a row to whoever waits for it (answer_now); keep it while
+        the row is settled, for one who comes a moment late."""
+        if attempt is not None:
+            self._answered[seq] = attempt
+        waiter = self._waiters.pop(seq, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(attempt)
+
+    def _note_key_verdict(self, row: Row, attempt: Attempt) -> None:
+        """Remember Jitsu's "stream not found" for this key, route kind and Host; forget it
+        once an event under them gets through (the stream exists now)."""
+        refused = attempt.outcome is Outcome.REJECTED and (attempt.jitsu_error or "").startswith(
+            STREAM_NOT_FOUND
+        )
+        if not refused and (attempt.outcome is not Outcome.DELIVERED or not len(self.refusals)):
+            return
+        print_ = fingerprint(row.headers.get("X-Write-Key"), row.path, row.headers)
+        if refused:
+            assert attempt.jitsu_error is not None
+            self.refusals.remember(print_, attempt.jitsu_error)
+        else:
+            self.refusals.forget(print_)
 
     def _recovered(self) -> None:
         """Upstream gave an answer that is not trouble: not failing any more."""
@@ -438,6 +530,7 @@ class Forwarder:
             ) as resp:
                 body, whole = await _read_answer(resp)
                 status = resp.status
+                content_type = resp.headers.get("Content-Type", "application/json")
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 jitsu_error = resp.headers.get("X-Jitsu-Error")
                 location = resp.headers.get("Location") if 300 <= status < 400 else None
@@ -470,8 +563,24 @@ class Forwarder:
                 location=None if location is None else _without_query(location),
             )
         if outcome is Outcome.REJECTED:
-            return Attempt(outcome, status, reason[:1024])
-        return Attempt(outcome, status, "ok", partial=_partial_batch(body, key))
+            return Attempt(
+                outcome,
+                status,
+                reason[:1024],
+                # Passed on to a waiting browser: Jitsu quotes the whole key when refusing it.
+                body=redact(body.decode("utf-8", "replace"), key).encode() if key else body,
+                content_type=content_type,
+                jitsu_error=_jitsu_error(row.method, body, jitsu_error, key),
+            )
+        return Attempt(
+            outcome,
+            status,
+            "ok",
+            partial=_partial_batch(body, key),
+            body=body,
+            content_type=content_type,
+            whole=whole,
+        )
 
     # ---- state for health and metrics ------------------------------------------------------
 
@@ -486,6 +595,27 @@ class Forwarder:
             if self.failing
             else 0.0,
         }
+
+
+def _verdict(attempt: Attempt) -> UpstreamAnswer | None:
+    """Jitsu's answer, when it is Jitsu's verdict on the event (not trouble on the way)."""
+    if attempt.outcome is Outcome.RETRY or attempt.status is None or not attempt.whole:
+        return None  # a cut answer would be broken JSON to the browser: {"ok":true} is better
+    return UpstreamAnswer(attempt.status, attempt.body, attempt.content_type)
+
+
+def _jitsu_error(method: str, body: bytes, header: str | None, key: str | None) -> str | None:
+    """Jitsu's refusal message (the pixel's in X-Jitsu-Error, the others' in the JSON body),
+    with the secret masked: Jitsu quotes the whole key in "stream not found" messages."""
+    if method == "GET":
+        text = header
+    else:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        text = payload.get("error") if isinstance(payload, dict) else None
+    return redact(text, key)[:1024] if isinstance(text, str) and text else None
 
 
 def _partial_batch(body: bytes, key: str | None) -> str | None:

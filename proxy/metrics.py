@@ -58,6 +58,13 @@ class Metrics:
         self.events_delivered = Counter(
             "proxy_events_delivered", "Events upstream accepted", registry=r
         )
+        self.browser_answers = Counter(
+            "proxy_browser_answers",
+            "Browser-route events answered with Jitsu's own answer (upstream) or {ok:true}"
+            " from the proxy (edge: upstream late, failing, or not a verdict)",
+            ["source"],
+            registry=r,
+        )
         self.events_dead_lettered = Counter(
             "proxy_events_dead_lettered", "Events moved to the dead-letter store", registry=r
         )

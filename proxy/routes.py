@@ -21,10 +21,12 @@ from aiohttp import hdrs, web
 from proxy import cookies
 from proxy import envelope as env
 from proxy.auth import KeySource, WriteKey, find_write_key
+from proxy.buffer import Row
 from proxy.clientip import anonymize, is_trusted, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
 from proxy.metrics import CONTENT_TYPE
+from proxy.refusals import fingerprint
 from proxy.script import etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
@@ -109,12 +111,42 @@ def _client_ip(request: web.Request, state: AppState) -> str:
     return anonymize(ip, state.config.privacy.ip_policy)
 
 
-async def _commit(request: web.Request, state: AppState, envelopes: list[env.Envelope]) -> None:
-    """One transaction for all of a request's envelopes: all are kept, or none."""
-    await state.buffer.append(envelopes)
+async def _commit(
+    request: web.Request, state: AppState, envelopes: list[env.Envelope]
+) -> list[int]:
+    """One transaction for all of a request's envelopes: all are kept, or none. A key that
+    upstream refused a moment ago is answered as Jitsu answered it, and nothing is kept."""
+    first = envelopes[0]
+    refused = state.refusals.refused(
+        fingerprint(first.headers.get("X-Write-Key"), first.path, first.headers)
+    )
+    if refused is not None:
+        state.metrics.events_refused.labels("key_refused_upstream").inc()
+        raise IngestError(refused, status=401)
+    seqs = await state.buffer.append(envelopes)
     events = sum(e.events for e in envelopes)
     state.metrics.events_accepted.inc(events)
     request[EVENT_COUNT] = events
+    return seqs
+
+
+async def _answer_browser(state: AppState, envelope: env.Envelope, seq: int) -> web.Response:
+    """Jitsu's own answer to a browser event when it comes in time (device destinations ride
+    in it), else ours; the event is in the buffer either way (upstream.sync_browser)."""
+    upstream = state.config.upstream
+    if upstream.sync_browser and state.forwarder is not None:
+        answer = await state.forwarder.answer_now(
+            Row.committed(envelope, seq), upstream.sync_timeout_s
+        )
+        if answer is not None:
+            state.metrics.browser_answers.labels("upstream").inc()
+            return web.Response(
+                body=answer.body,
+                status=answer.status,
+                headers={hdrs.CONTENT_TYPE: answer.content_type},
+            )
+    state.metrics.browser_answers.labels("edge").inc()
+    return web.Response(body=OK_BODY, content_type="application/json")
 
 
 async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
@@ -142,7 +174,9 @@ async def ingest_single(request: web.Request, *, s2s: bool) -> web.Response:
         1,
         key,
     )
-    await _commit(request, state, [envelope])
+    (seq,) = await _commit(request, state, [envelope])
+    if not s2s:
+        return await _answer_browser(state, envelope, seq)
     return web.Response(body=OK_BODY, content_type="application/json")
 
 

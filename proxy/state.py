@@ -12,6 +12,7 @@ from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.offload import Offload
 from proxy.ratelimit import TokenBuckets
+from proxy.refusals import KeyRefusals
 
 if TYPE_CHECKING:
     from proxy.buffer import Buffer
@@ -28,6 +29,8 @@ class AppState:
     ip_limits: TokenBuckets
     key_limits: TokenBuckets
     offload: Offload
+    # Upstream's "stream not found" per key, answered at the edge (the forwarder fills it).
+    refusals: KeyRefusals
     forwarder: Forwarder | None = None
     script: ScriptCache | None = None
     # Canonical names of the public routes (ingest and script): CORS and request metrics.

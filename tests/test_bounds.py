@@ -135,7 +135,7 @@ async def test_dead_letters_have_a_bound_of_their_own(
     upstream.reject = set(ids)
     for mid in ids:
         resp = await proxy.post(
-            "/api/s/track",
+            "/api/s/s2s/track",
             json={"event": "e", "messageId": mid, "properties": {"pad": "p" * 600}},
             headers={"X-Write-Key": KEY},
         )

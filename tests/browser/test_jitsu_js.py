@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.fakejitsu import FakeJitsu, Received
+from tests.fakejitsu import Answer, FakeJitsu, Received
 from tests.procs import ProxyProcess
 
 try:
@@ -130,9 +130,9 @@ def site(aiohttp_server: Any) -> Site:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    tmp_path: Path, upstream: FakeJitsu, **overrides: Any
+    tmp_path: Path, fake: FakeJitsu, **overrides: Any
 ) -> AsyncIterator[ProxyProcess]:
-    proxy = ProxyProcess(tmp_path, upstream.url, **overrides)
+    proxy = ProxyProcess(tmp_path, fake.url, **overrides)
     proxy.start()
     try:
         await proxy.wait_ready()
@@ -150,11 +150,13 @@ class Visit:
     sent: dict[str, Any]  # event type -> the JSON body the browser posted
     answers: dict[str, tuple[int, Any]]  # event type -> status and JSON the browser got
     problems: list[str]  # console errors and warnings, uncaught page errors
+    probed: Any = None  # what the `probe` expression gave, once the events were answered
 
 
-async def visit(url: str, upstream: FakeJitsu) -> Visit:
+async def visit(url: str, upstream: FakeJitsu, probe: str | None = None) -> Visit:
     """Open `url` in headless Chromium (a fresh profile: Playwright makes a temporary
-    --user-data-dir per launch) and stay until Jitsu got the page view and the click."""
+    --user-data-dir per launch) and stay until Jitsu got the page view and the click; then
+    evaluate `probe` (a JS function) in the page, if given."""
     assert async_playwright is not None
     requests: list[Request] = []
     problems: list[str] = []
@@ -185,6 +187,7 @@ async def visit(url: str, upstream: FakeJitsu) -> Visit:
                 )
             await page.wait_for_function("() => window.tracked !== undefined", timeout=5000)
             assert await page.evaluate("() => window.tracked") == "sent"
+            probed = await page.evaluate(probe) if probe is not None else None
             user_agent = await page.evaluate("() => navigator.userAgent")
             posts: dict[str, str] = {}
             sent: dict[str, Any] = {}
@@ -199,7 +202,7 @@ async def visit(url: str, upstream: FakeJitsu) -> Visit:
                 answers[kind] = (response.status, await response.json())
         finally:
             await browser.close()
-    return Visit(user_agent, posts, sent, answers, problems)
+    return Visit(user_agent, posts, sent, answers, problems, probed)
 
 
 def _arrived(fake: FakeJitsu) -> bool:
@@ -296,3 +299,45 @@ async def test_jitsu_js_uses_the_proxys_own_paths(
     assert lines.count(("POST", "/collect/{type}", 200)) == len(EVENTS)
     assert ("OPTIONS", "/collect/{type}", 200) in lines
     assert not [line for line in lines if line[1].startswith("/api/s")], lines
+
+
+# A device destination as Jitsu's ingest answers a browser event with it (SyncDestinationsData
+# in ingest/router.go; ShortDestinationConfig in ingest/repository.go): jitsu-js runs
+# internal plugins in the page, here its "tag" plugin, which executes `code` with `event` bound
+# (processDestinations and insertTags in @jitsu/js).
+TAG_DESTINATION = {
+    "id": "custom-tag",
+    "destinationType": "tag",
+    "credentials": {
+        "code": "window.__tagged = (window.__tagged || []).concat([event.type + ':' + "
+        "(event.event || event.properties.title)]);"
+    },
+    "deviceOptions": {"type": "internal-plugin", "name": "tag"},
+}
+
+
+async def test_device_destinations_from_jitsu_run_in_the_page(
+    tmp_path: Path, upstream: FakeJitsu, jitsu_js: dict[str, Any], site: Site
+) -> None:
+    """Jitsu's answer to a browser event carries its device destinations; through the proxy
+    the page must get that answer and jitsu-js must act on it (upstream.sync_browser)."""
+    answer = {"ok": True, "destinations": [TAG_DESTINATION]}
+    upstream.fault = lambda _rec: Answer(200, answer)
+    props = {"button": "buy", "nonce": uuid.uuid4().hex}
+    async with running_proxy(tmp_path, upstream) as proxy:
+        page_url = await site(f"{proxy.url}/p.js", props)
+        seen = await visit(
+            page_url,
+            upstream,
+            # The tags, once both ran (or whatever ran within 5 s).
+            probe="""() => new Promise(done => {
+                const until = Date.now() + 5000;
+                const look = () => (window.__tagged || []).length >= 2 || Date.now() > until
+                    ? done(window.__tagged || []) : setTimeout(look, 20);
+                look();
+            })""",
+        )
+    assert seen.problems == []
+    assert seen.answers == {kind: (200, answer) for kind in EVENTS}
+    assert sorted(seen.probed) == ["page:Checkout", "track:clicked"]
+    assert len(upstream.delivered) == len(EVENTS), "each event went up once"
