@@ -33,7 +33,7 @@ from proxy.buffer import Buffer, Row
 from proxy.config import UpstreamConfig
 from proxy.errors import BufferError_
 from proxy.metrics import Metrics
-from proxy.refusals import STREAM_NOT_FOUND, KeyRefusals, fingerprint
+from proxy.refusals import STREAM_NOT_FOUND, KeyRefusals, fingerprint, route_kind
 from proxy.retry import (
     RETRY_STATUSES,
     Backoff,
@@ -452,6 +452,13 @@ class Forwarder:
         print_ = fingerprint(row.headers.get("X-Write-Key"), row.path, row.headers)
         if refused:
             assert attempt.jitsu_error is not None
+            if self.refusals.refused(print_) is None:
+                log.warning(
+                    "key_refused_upstream",
+                    key_id=row.key_id,
+                    route=route_kind(row.path),
+                    answered_at_edge_for_s=self.config.key_refusal_ttl_s,
+                )
             self.refusals.remember(print_, attempt.jitsu_error)
         else:
             self.refusals.forget(print_)
@@ -591,6 +598,8 @@ class Forwarder:
             "redirected_to": self.redirected_to,
             "rows_retrying_alone": len(self.parked),
             "in_flight": self.sending,
+            "in_flight_for_browsers": self.sync_sending,
+            "keys_refused": len(self.refusals),
             "next_probe_in_s": round(max(0.0, self.next_probe_at - time.time()), 3)
             if self.failing
             else 0.0,

@@ -64,6 +64,10 @@ async def test_s2s_wrong_key_is_remembered_and_answered_401_without_buffering(
     assert "proxy_key_refusals_remembered 1.0" in metrics
     for text in (metrics, logs.getvalue()):
         assert "wrongSecretValue42" not in text
+    (line,) = [json.loads(x) for x in logs.getvalue().splitlines() if "key_refused_upstream" in x]
+    assert (line["key_id"], line["route"]) == ("wid", "/api/s/s2s/*")
+    ready = await (await proxy.get("/readyz")).json()
+    assert ready["upstream"]["keys_refused"] == 1
 
 
 async def test_browser_route_first_request_already_gets_jitsus_answer(
