@@ -10,6 +10,7 @@ import functools
 import ipaddress
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,16 @@ IP_POLICIES = frozenset({"keep", "stripLastOctet", "remove"})
 CLIENT_IP_HEADERS = frozenset(
     {"x-forwarded-for", "x-real-ip", "cf-connecting-ip", "true-client-ip", "forwarded"}
 )
+# RFC 9110 token characters: what a header name is made of.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Headers upstream.drop_headers cannot remove, and what to use instead.
+KEPT_HEADERS = {
+    "content-type": "Jitsu refuses a body without it",
+    "x-write-key": "it carries the write key",
+    "x-real-ip": "privacy.ip_policy: remove sends no client IP",
+    "x-forwarded-for": "privacy.ip_policy: remove sends no client IP",
+    "host": "the client's Host goes upstream only with upstream.preserve_host",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +102,11 @@ class UpstreamConfig:
     # How long upstream's "stream not found" for a key (per route kind and Host) is
     # remembered and answered at the edge, without buffering; 0 = never remembered.
     key_refusal_ttl_s: float = 60.0
+    # Send the client's Host upstream instead of upstream.url's, for installations that find
+    # streams by the Host's slug or custom domain (Jitsu's getDataLocator).
+    preserve_host: bool = False
+    # More request headers (names, any case) that never go upstream nor into the buffer.
+    drop_headers: list[str] = dataclasses.field(default_factory=list)
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 
 
@@ -448,6 +464,14 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"config key server.admin_port: {config.server.admin_port} is server.port too"
         )
+    for i, name in enumerate(config.upstream.drop_headers):
+        if not HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"config key upstream.drop_headers[{i}]: {name!r} is no header name")
+        if name.lower() in KEPT_HEADERS:
+            raise ConfigError(
+                f"config key upstream.drop_headers[{i}]: {name!r} is one the proxy must send"
+                f" ({KEPT_HEADERS[name.lower()]})"
+            )
     for key in ("trusted_proxies", "admin_allow"):
         for i, cidr in enumerate(getattr(config.server, key)):
             try:

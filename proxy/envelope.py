@@ -38,8 +38,6 @@ TYPE_ALIASES = {
 }
 MAX_EVENT_NAME = 128
 
-# Request headers Jitsu reads (research notes §3.4) that we pass through unchanged.
-PASSTHROUGH_HEADERS = ("User-Agent", "Accept-Language", "X-IP-Policy", "Origin", "Referer")
 # What a stored row costs besides its fields (SQLite record and index overhead, roughly), so
 # that a flood of tiny rows is counted against buffer.max_bytes too.
 ROW_OVERHEAD = 64
@@ -404,17 +402,21 @@ def filter_batch(
     )
 
 
-def split_batch(result: BatchResult, max_bytes: int) -> list[tuple[bytes, int]]:
+def split_batch(
+    result: BatchResult, max_bytes: int, header_bytes: int = 0
+) -> list[tuple[bytes, int]]:
     """The kept events as upstream batch bodies of at most `max_bytes` each (one event alone
     may exceed it), every piece with the batch's other top-level fields (context, eventsName),
     which Jitsu applies per event, so the split changes nothing upstream. Returns (body, events)
-    pairs; the events' bytes are the ones already checked, not serialised again."""
+    pairs; the events' bytes are the ones already checked, not serialised again.
+    `header_bytes`: what the request's headers cost in every stored piece."""
     head = _dump({k: v for k, v in result.payload.items() if k != "batch"})
     prefix = head[:-1] + (b"," if len(head) > 2 else b"") + b'"batch":['
     suffix = b"]}"
-    if len(prefix) * 4 > max_bytes:
-        # Every piece repeats the context: split with a large one and a hostile batch of small
-        # events would store it once per event. Such a batch goes whole, as it came.
+    if (len(prefix) + header_bytes) * 4 > max_bytes:
+        # Every piece repeats the context and the request's headers: split with large ones
+        # and a hostile batch of small events would store them once per event. Such a batch
+        # goes whole, as it came.
         max_bytes = 1 << 62
     pieces: list[tuple[bytes, int]] = []
     group: list[bytes] = []
@@ -452,9 +454,10 @@ def prepare_batch(
     limits: LimitsConfig,
     max_forward_bytes: int,
     stamp: str | None = None,
+    header_bytes: int = 0,
 ) -> PreparedBatch:
-    """Inflate, parse, validate and split a batch body. Pure and picklable: large bodies run
-    in a worker process (proxy.offload)."""
+    """Inflate, parse, validate and split a batch body (`header_bytes`: see split_batch). Pure
+    and picklable: large bodies run in a worker process (proxy.offload)."""
     if "gzip" in encoding.lower() and body[:2] == b"\x1f\x8b":
         body = decompress(body, encoding, limits.max_decompressed_bytes, limits.max_gzip_members)
     payload = parse_batch_payload(body, limits.max_batch_events)
@@ -463,47 +466,8 @@ def prepare_batch(
         body_key=payload.get("writeKey"),
         received=result.received,
         errors=result.errors,
-        pieces=split_batch(result, max_forward_bytes),
+        pieces=split_batch(result, max_forward_bytes, header_bytes),
     )
-
-
-def forward_headers(
-    request_headers: Mapping[str, str],
-    key: WriteKey | None,
-    client_ip: str,
-    ip_policy: str = "keep",
-) -> dict[str, str]:
-    """Headers of the upstream request: the key in X-Write-Key only, one clean client IP."""
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["X-Write-Key"] = key.value
-    if client_ip:
-        headers["X-Real-IP"] = client_ip
-        headers["X-Forwarded-For"] = client_ip
-    for name in PASSTHROUGH_HEADERS:
-        value = request_headers.get(name)
-        if value:
-            headers[name] = header_text(value)
-    if ip_policy == "remove":
-        # With no IP header Jitsu would take the proxy's own address; this makes it store none.
-        headers["X-IP-Policy"] = "remove"
-    return headers
-
-
-def header_text(value: str) -> str:
-    """A request header value as something we can store and send: aiohttp hands over invalid
-    UTF-8 as lone surrogates (surrogateescape), which SQLite refuses and aiohttp's client sends
-    as an empty value. Those bytes become U+FFFD, as Go's JSON encoding stores them in Jitsu."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raw = value.encode("utf-8", "surrogateescape" if _escaped_only(value) else "replace")
-        return raw.decode("utf-8", "replace")
-    return value
-
-
-def _escaped_only(value: str) -> bool:
-    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
 
 
 def forward_path(path: str, query: Mapping[str, str]) -> str:

@@ -25,6 +25,7 @@ from proxy.buffer import Row
 from proxy.clientip import anonymize, is_trusted, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
+from proxy.headers import ClientOrigin, forward_headers
 from proxy.metrics import CONTENT_TYPE
 from proxy.refusals import fingerprint
 from proxy.script import etag_matches
@@ -198,6 +199,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
     encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
     # The limit is on the body as received: a label saying gzip buys no larger allowance.
     body = await _read_body(request, limits.max_request_bytes)
+    headers = _upstream_headers(request, state, key, client_ip)
     prepared = await state.offload.run(
         len(body),
         env.prepare_batch,
@@ -206,11 +208,13 @@ async def ingest_batch(request: web.Request) -> web.Response:
         limits,
         state.config.upstream.max_batch_bytes,
         env.accepted_at(),
+        len(json.dumps(headers)),
         gzipped="gzip" in encoding.lower(),
     )
     if key is None:
         key = find_write_key({}, {}, prepared.body_key)
         _admit(request, state, key, strict=True)
+        headers = _upstream_headers(request, state, key, client_ip)
     answer: dict[str, Any] = {
         "ok": not prepared.errors,
         "okEvents": prepared.ok_events,
@@ -225,7 +229,6 @@ async def ingest_batch(request: web.Request) -> web.Response:
         # Jitsu knows its own batch aliases; ours go to its canonical path.
         upstream_path = request.path if request.path in BATCH_PATHS else "/v1/batch"
         path = env.forward_path(upstream_path, request.query)
-        headers = _upstream_headers(request, state, key, client_ip)
         await _commit(
             request,
             state,
@@ -288,7 +291,36 @@ def _admit(request: web.Request, state: AppState, key: WriteKey | None, *, stric
 def _upstream_headers(
     request: web.Request, state: AppState, key: WriteKey | None, client_ip: str
 ) -> dict[str, str]:
-    return env.forward_headers(request.headers, key, client_ip, state.config.privacy.ip_policy)
+    return forward_headers(
+        request.headers,
+        key,
+        client_ip,
+        state.config.privacy.ip_policy,
+        _client_origin(request, state),
+        preserve_host=state.config.upstream.preserve_host,
+        drop=_dropped_headers(state),
+    )
+
+
+def _dropped_headers(state: AppState) -> frozenset[str]:
+    return frozenset(name.lower() for name in state.config.upstream.drop_headers)
+
+
+def _client_origin(request: web.Request, state: AppState) -> ClientOrigin:
+    """The Host and scheme the client used. X-Forwarded-Host and X-Forwarded-Proto are
+    believed from trusted proxies only (the first value: the one the first proxy saw), as the
+    client IP is; anyone else's are the client's own word."""
+    host = request.headers.get(hdrs.HOST, "")
+    proto = request.scheme
+    if is_trusted(request.remote or "", state.trusted_proxies):
+        forwarded_host = request.headers.get(hdrs.X_FORWARDED_HOST, "").split(",")[0].strip()
+        forwarded_proto = (
+            request.headers.get(hdrs.X_FORWARDED_PROTO, "").split(",")[0].strip().lower()
+        )
+        host = forwarded_host or host
+        if forwarded_proto in ("http", "https"):
+            proto = forwarded_proto
+    return ClientOrigin(host, proto)
 
 
 def _stopped_loops(state: AppState) -> list[str]:
@@ -425,7 +457,7 @@ async def pixel(request: web.Request) -> web.Response:
                     )
                 )
                 cookie_header = "; ".join(filter(None, [cookie_header, f"__eventn_id={visitor}"]))
-        if cookie_header:
+        if cookie_header and "cookie" not in _dropped_headers(state):
             forward[hdrs.COOKIE] = cookie_header
         envelope = env.build_envelope(
             env.forward_path(f"/api/px/{event_type}", query), forward, b"", 1, key, "GET"
@@ -492,11 +524,7 @@ def _cookie_domain(request: web.Request, state: AppState, asking: Any) -> str:
 
 
 def _is_https(request: web.Request, state: AppState) -> bool:
-    if request.secure:
-        return True
-    peer = request.remote or ""
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    return proto == "https" and is_trusted(peer, state.trusted_proxies)
+    return request.secure or _client_origin(request, state).proto == "https"
 
 
 # Segment libraries (analytics.js, analytics-react-native) boot from a "CDN settings" document;

@@ -486,3 +486,42 @@ def test_nan_is_rejected(environ: dict[str, str], key: str) -> None:
 def test_shipped_config_yaml_loads_and_matches_the_defaults() -> None:
     shipped = Path(__file__).resolve().parent.parent / "config.yaml"
     assert load_config(shipped, environ={}) == build_config({}, {})
+
+
+def test_header_keys_default_to_todays_behaviour_and_come_from_env() -> None:
+    upstream = build_config({}, {}).upstream
+    assert (upstream.preserve_host, upstream.drop_headers) == (False, [])
+    upstream = build_config(
+        {},
+        {"PROXY_UPSTREAM_PRESERVE_HOST": "true", "PROXY_UPSTREAM_DROP_HEADERS": "X-A, x-b"},
+    ).upstream
+    assert (upstream.preserve_host, upstream.drop_headers) == (True, ["X-A", "x-b"])
+    assert config_error({"upstream": {"preserve_host": "yes"}}) == (
+        "config key upstream.preserve_host: expected bool, got str"
+    )
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["X-Ok", "X Bad"], "config key upstream.drop_headers[1]: 'X Bad' is no header name"),
+        ([""], "config key upstream.drop_headers[0]: '' is no header name"),
+        (
+            ["x-write-key"],
+            "config key upstream.drop_headers[0]: 'x-write-key' is one the proxy must send"
+            " (it carries the write key)",
+        ),
+        (
+            ["X-Forwarded-For"],
+            "config key upstream.drop_headers[0]: 'X-Forwarded-For' is one the proxy must send"
+            " (privacy.ip_policy: remove sends no client IP)",
+        ),
+        (
+            ["Host"],
+            "config key upstream.drop_headers[0]: 'Host' is one the proxy must send"
+            " (the client's Host goes upstream only with upstream.preserve_host)",
+        ),
+    ],
+)
+def test_bad_drop_headers(names: list[str], message: str) -> None:
+    assert config_error({"upstream": {"drop_headers": names}}) == message

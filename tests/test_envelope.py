@@ -1,5 +1,5 @@
 """Request -> upstream envelope: content type, gzip, Jitsu's event checks, batch filtering,
-forwarded headers and path (proxy/envelope.py).
+forwarded path (proxy/envelope.py; forwarded headers: test_forward_headers.py).
 
 Jitsu reference: research notes §3.2 (content type, gzip, sizes), §3.5 (event types),
 §3.6 (messageId), §3.8 (batch answer), and ingest/router.go patchEvent.
@@ -14,7 +14,7 @@ import zlib
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict, MultiDict
+from multidict import MultiDict
 
 from proxy.auth import KeySource, WriteKey
 from proxy.envelope import (
@@ -26,7 +26,6 @@ from proxy.envelope import (
     encode_batch,
     ensure_message_id,
     filter_batch,
-    forward_headers,
     forward_path,
     parse_batch_payload,
     parse_single,
@@ -557,78 +556,6 @@ def test_encode_batch_is_compact_utf8() -> None:
     assert encode_batch({"batch": [{"n": "é"}], "context": {}}) == (
         '{"batch":[{"n":"é"}],"context":{}}'.encode()
     )
-
-
-# ---- forward_headers ---------------------------------------------------------------------
-
-
-def full_request_headers() -> CIMultiDict[str]:
-    return CIMultiDict(
-        [
-            ("Host", "t.example.com"),
-            ("Authorization", "Basic a2lkMTIzNDpzZWNyZXRzZWNyZXRzZWNyZXQ6"),
-            ("X-Write-Key", "other:key"),
-            ("Cookie", "__eventn_id=abc; session=xyz"),
-            ("Content-Type", "text/plain;charset=UTF-8"),
-            ("Content-Encoding", "gzip"),
-            ("Content-Length", "123"),
-            ("X-Forwarded-For", "6.6.6.6"),
-            ("X-Real-IP", "6.6.6.6"),
-            ("User-Agent", "Mozilla/5.0 (X11; Linux x86_64)"),
-            ("Accept-Language", "de-DE,de;q=0.9"),
-            ("X-IP-Policy", "stripLastOctet"),
-            ("Origin", "https://www.example.com"),
-            ("Referer", "https://www.example.com/pricing"),
-            ("X-Jitsu-Custom", "x"),
-        ]
-    )
-
-
-def test_forward_headers_exact() -> None:
-    headers = forward_headers(full_request_headers(), KEY, "203.0.113.7")
-
-    assert headers == {
-        "Content-Type": "application/json",
-        "X-Write-Key": "kid1234:secretsecretsecret",
-        "X-Real-IP": "203.0.113.7",
-        "X-Forwarded-For": "203.0.113.7",
-        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)",
-        "Accept-Language": "de-DE,de;q=0.9",
-        "X-IP-Policy": "stripLastOctet",
-        "Origin": "https://www.example.com",
-        "Referer": "https://www.example.com/pricing",
-    }
-
-
-def test_forward_headers_key_only_in_x_write_key() -> None:
-    headers = forward_headers(full_request_headers(), KEY, "203.0.113.7")
-    carrying = [name for name, value in headers.items() if "secretsecret" in value]
-    assert carrying == ["X-Write-Key"]
-    assert "Authorization" not in headers
-    assert "Cookie" not in headers
-
-
-def test_forward_headers_minimal() -> None:
-    assert forward_headers(CIMultiDict(), None, "") == {"Content-Type": "application/json"}
-
-
-def test_forward_headers_without_key() -> None:
-    headers = forward_headers(CIMultiDict({"X-Write-Key": "a:b"}), None, "198.51.100.1")
-    assert headers == {
-        "Content-Type": "application/json",
-        "X-Real-IP": "198.51.100.1",
-        "X-Forwarded-For": "198.51.100.1",
-    }
-
-
-def test_forward_headers_case_insensitive_passthrough() -> None:
-    request = CIMultiDict({"user-agent": "curl/8", "x-ip-policy": "remove", "origin": ""})
-    headers = forward_headers(request, None, "")
-    assert headers == {
-        "Content-Type": "application/json",
-        "User-Agent": "curl/8",
-        "X-IP-Policy": "remove",
-    }
 
 
 # ---- forward_path ------------------------------------------------------------------------

@@ -123,7 +123,8 @@ async def test_beacon_text_plain_is_accepted(
     assert resp.status == 200
     (got,) = await upstream.wait_delivered(1)
     assert got.json()["event"] == "beacon"
-    assert got.headers["Content-Type"] == "application/json"
+    # The beacon's own type, as Jitsu would have seen it (it takes text/plain too).
+    assert got.headers["Content-Type"] == "text/plain;charset=UTF-8"
 
 
 async def test_batch_keeps_top_level_context_and_drops_body_key(
