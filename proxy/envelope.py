@@ -194,10 +194,11 @@ def _validate_event(
 ) -> None:
     """Jitsu's patchEvent checks: the path type wins unless it is `event`."""
     if fixed_type == "event":
+        # GetS: a type that is no string (a repeated pixel parameter's array) is none.
         body_type = event.get("type")
-        if not body_type:
+        if not body_type or not isinstance(body_type, str):
             raise IngestError("event error: type property of event is required")
-        fixed_type = str(body_type)
+        fixed_type = body_type
     if fixed_type not in EVENT_TYPES:
         raise IngestError(f"event error: Unknown event type: {fixed_type}")
     if fixed_type == "track":
@@ -506,10 +507,11 @@ def _escaped_only(value: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
 
 
-def forward_path(path: str, query: Mapping[str, str]) -> str:
-    """The request path with `writekey` removed from the query string."""
+def forward_path(path: str, query: Mapping[str, str] | Mapping[str, list[str]]) -> str:
+    """The request path with `writekey` removed from the query string. A multidict's repeated
+    names, or a name's list of values, go as repeated parameters."""
     rest = [(k, v) for k, v in query.items() if k.lower() != "writekey"]
-    return f"{path}?{urlencode(rest)}" if rest else path
+    return f"{path}?{urlencode(rest, doseq=True)}" if rest else path
 
 
 def build_envelope(
@@ -537,28 +539,46 @@ def encode_batch(payload: dict[str, Any]) -> bytes:
 # Pixel query parameters that steer the pixel rather than describe the event.
 PIXEL_CONTROL = frozenset({"data", "cookie_domain", "process_headers", "destination_url"})
 
+# Every value of every query parameter, in order: what Go's url.Values holds.
+PixelQuery = dict[str, list[str]]
 
-def pixel_query(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The pixel's query string as one value per name: the first, for every parameter.
+
+def _first_only(name: str) -> bool:
+    """Parameters of which Jitsu reads the first value only (url.Values.Get, c.Query) and puts
+    none in the event: the control ones, and the key (never in the event here: its secret)."""
+    return name in PIXEL_CONTROL or name.lower() == "writekey"
+
+
+def pixel_query(pairs: Iterable[tuple[str, str]]) -> PixelQuery:
+    """The pixel's query string: every value of a repeated parameter, in order, since Jitsu's
+    parsePixelEvent makes an array of them (ingest/router_pixel_handler.go); of a control
+    parameter or the key only the first value, the only one Jitsu reads.
 
     Everything the pixel does (the key, the event and its validation, the cookie, the
     redirect) reads this dict, and the forwarded query is encoded from it, so what is
-    validated is exactly what goes upstream (issue 7, finding 12: a repeated `type` was
-    validated with the last value and forwarded with the first). The first, as Go's
-    url.Values.Get and aiohttp's .get() read a query. Jitsu itself makes an array of a
-    repeated parameter; mirroring that is left to a later issue, and starts from this dict.
+    validated is exactly what goes upstream (issue 7, finding 12), and Jitsu builds from the
+    forwarded query the event validated here.
     """
-    query: dict[str, str] = {}
+    query: PixelQuery = {}
     for name, value in pairs:
-        query.setdefault(name, value)
+        values = query.setdefault(name, [])
+        if not values or not _first_only(name):
+            values.append(value)
     return query
 
 
-def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
+def pixel_first(query: PixelQuery, name: str) -> str | None:
+    """A parameter as Go's url.Values.Get reads it: its first value."""
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def pixel_event(query: PixelQuery, path_type: str) -> dict[str, Any]:
     """The event a pixel request describes, as Jitsu assembles it: `data` (standard base64 of a
-    JSON object), then every other parameter set at its dotted path. Validated like any event."""
+    JSON object), then every other parameter set at its dotted path, a repeated one as the
+    array of its values. Validated like any event."""
     event: dict[str, Any] = {}
-    data = query.get("data")
+    data = pixel_first(query, "data")
     if data:
         try:
             decoded = json.loads(base64.b64decode(data, validate=True))
@@ -567,32 +587,40 @@ def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
         if not isinstance(decoded, dict):
             raise IngestError("error parsing message: 'data' must be a JSON object")
         event = decoded
-    for name, value in query.items():
-        if name in PIXEL_CONTROL or name.lower() == "writekey":
-            continue
-        node = event
-        *parents, leaf = name.split(".")
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[leaf] = value
+    for name, values in query.items():
+        if not _first_only(name):
+            _set_path(event, name, values[0] if len(values) == 1 else list(values))
     _validate_event(event, resolve_type(path_type))
     return event
 
 
-def mask_pixel_key(query: dict[str, str], event: Mapping[str, Any]) -> None:
+def _set_path(event: dict[str, Any], path: str, value: Any) -> None:
+    """jsonorder's SetPath: a dotted name sets a nested field, making the objects on the way;
+    when one on the way is already something else, nothing is set. So `a=1&a.b=2` gives
+    `a: "1"` in whichever order Go's map hands the names over."""
+    node = event
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if part not in node:
+            node[part] = {}
+        child = node[part]
+        if not isinstance(child, dict):
+            return
+        node = child
+    node[leaf] = value
+
+
+def mask_pixel_key(query: PixelQuery, event: Mapping[str, Any]) -> None:
     """A write key inside the pixel's base64 `data` is masked there, as in any other event
     body: the forwarded query string must not carry the secret. `event` is what pixel_event
     built from that query: its `writeKey` can only come from `data` (the query's own writekey
     is never set on the event), and without one no spelling of the name is in `data` either,
     whose bytes then stay as sent."""
-    data = query.get("data")
+    data = pixel_first(query, "data")
     if not data or "writeKey" not in event:
         return
     decoded = json.loads(base64.b64decode(data, validate=True))  # pixel_event checked it
     _mask_body_key(decoded)
     # Written out again from what was parsed: the raw text may hold the key more than once
     # (a repeated name, an escaped spelling) where the parsed object shows only the last.
-    query["data"] = base64.b64encode(_dump(decoded)).decode("ascii")
+    query["data"] = [base64.b64encode(_dump(decoded)).decode("ascii")]
