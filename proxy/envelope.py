@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -18,7 +19,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -161,15 +162,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _parse_json(body: bytes) -> Any:
-    """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
-    accept we must be able to forward as JSON."""
+@contextlib.contextmanager
+def _reading_json() -> Iterator[None]:
+    """A body that is not JSON we can take is Jitsu's "error parsing message"."""
     try:
-        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+        yield
     except RecursionError:
         raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise IngestError(f"error parsing message: {exc}", status=400) from None
+
+
+def _parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
+    accept we must be able to forward as JSON."""
+    with _reading_json():
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _dump(obj: Any) -> bytes:
@@ -245,11 +253,11 @@ def _event_size_check(raw: bytes, max_event_bytes: int) -> None:
         )
 
 
-def _mask_body_key(event: dict[str, Any]) -> None:
+def _mask_body_key(event: dict[str, Any], field: str = "writeKey") -> None:
     """jitsu-js puts a masked key in the body; anything else there would carry the secret."""
-    body_key = event.get("writeKey")
+    body_key = event.get(field)
     if isinstance(body_key, str) and body_key and not body_key.endswith(":***"):
-        event["writeKey"] = mask_key(body_key)
+        event[field] = mask_key(body_key)
 
 
 def parse_single(
@@ -290,10 +298,8 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
     """json.loads for a top-level object, except that a `batch` array is read element by
     element and capped. Same acceptance as json.loads otherwise (duplicate keys: the last)."""
-    try:
-        text = body.decode(json.detect_encoding(body), "surrogatepass")
-        if text.startswith("\ufeff"):
-            raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+    with _reading_json():
+        text = _json_text(body)
         pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
         if text[pos : pos + 1] != "{":
             if len(text) - pos <= 64 * 1024:
@@ -327,10 +333,13 @@ def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
                 return payload
             if delimiter != ",":
                 raise ValueError(f"Expecting ',' delimiter: char {pos}")
-    except RecursionError:
-        raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IngestError(f"error parsing message: {exc}", status=400) from None
+
+
+def _json_text(body: bytes) -> str:
+    text = body.decode(json.detect_encoding(body), "surrogatepass")
+    if text.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+    return text
 
 
 def _expect_end(text: str, pos: int) -> None:
@@ -466,6 +475,71 @@ def prepare_batch(
         errors=result.errors,
         pieces=split_batch(result, max_forward_bytes),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassicBody:
+    """A Classic API body made ready for the buffer (the result of `parse_classic`)."""
+
+    events: list[bytes]  # each event to forward on its own, as a JSON object
+    error: str | None  # Jitsu's answer when one of them was refused (the others go on)
+
+
+def parse_classic(
+    body: bytes, max_events: int, max_event_bytes: int, stamp: str | None = None
+) -> ClassicBody:
+    """A Classic API body read as Jitsu's ClassicHandler reads it
+    (ingest/router_classic_handler.go): an array of events when its first byte is `[`, else
+    one event. Any JSON object is an event: the classic format has no type to check. Pure and
+    picklable, like prepare_batch."""
+    if not body:
+        # Jitsu indexes body[0] and recovers from the panic: 500, and nothing stored.
+        raise _classic_panic()
+    with _reading_json():
+        text = _json_text(body)
+        if body[:1] == b"[":
+            parsed, end = _load_array(text, 0, max_events)
+        else:
+            parsed, end = _DECODER.raw_decode(text, _SPACE.match(text).end())  # type: ignore[union-attr]
+        _expect_end(text, end)
+    events: list[Any] = parsed if body[:1] == b"[" else [parsed]
+    if any(event is None for event in events):
+        # `null` unmarshals to a nil event, whose first read panics in Jitsu.
+        raise _classic_panic()
+    if not all(isinstance(event, dict) for event in events):
+        raise IngestError("error parsing message: an event must be a JSON object")
+    raws: list[bytes] = []
+    error: str | None = None
+    for event in events:
+        _prepare_classic_event(event, stamp)
+        raw = _dump(event)
+        try:
+            _event_size_check(raw, max_event_bytes)
+        except IngestError as exc:
+            # Jitsu answers its first refusal and goes on with the next events.
+            error = error or exc.message
+            continue
+        raws.append(raw)
+    return ClassicBody(raws, error)
+
+
+def _classic_panic() -> IngestError:
+    """Jitsu's answer after it recovered from a panic in the classic handler (a masked error
+    with an id of its own: appbase ResponseError)."""
+    return IngestError(f"error# {uuid.uuid4().hex}: panic", status=500, browser_ok=False)
+
+
+def _prepare_classic_event(event: dict[str, Any], stamp: str | None) -> None:
+    """What patchClassicEvent sets at receipt, set here at acceptance when the event lacks it:
+    `eventn_ctx_event_id` (the messageId, so that retries dedupe) and `utc_time` (the time of
+    acceptance, not of delivery hours later). Both only when absent, as its SetIfAbsent does.
+    `api_key` is masked: Jitsu overwrites it with the key it found the stream by (the key
+    in X-Write-Key), so its body value only ever carried the secret to disk."""
+    if "eventn_ctx_event_id" not in event:
+        event["eventn_ctx_event_id"] = str(uuid.uuid4())
+    if stamp is not None and "utc_time" not in event:
+        event["utc_time"] = stamp
+    _mask_body_key(event, "api_key")
 
 
 def forward_headers(

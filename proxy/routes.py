@@ -25,7 +25,7 @@ from proxy.clientip import anonymize, is_trusted, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
 from proxy.metrics import CONTENT_TYPE
-from proxy.script import etag_matches
+from proxy.script import ScriptCache, etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
 # Jitsu's batch route and its aliases for Segment libraries (research notes §1).
@@ -505,11 +505,16 @@ async def serve_segment_settings(request: web.Request) -> web.Response:
 
 async def serve_script(request: web.Request) -> web.Response:
     """GET/HEAD /p.js (and routes.script_paths): the cached, rewritten tracking script."""
-    state = request.app[APP_STATE]
-    assert state.script is not None
-    variant = await state.script.get()
+    script = request.app[APP_STATE].script
+    assert script is not None
+    return await script_response(request, script)
+
+
+async def script_response(request: web.Request, script: ScriptCache) -> web.Response:
+    """A cached script as Jitsu serves its scripts: ETag, 304, gzip when accepted."""
+    variant = await script.get()
     headers = {
-        hdrs.CACHE_CONTROL: state.config.script.cache_control,
+        hdrs.CACHE_CONTROL: request.app[APP_STATE].config.script.cache_control,
         hdrs.ETAG: variant.etag,
         hdrs.VARY: "Accept-Encoding",
     }

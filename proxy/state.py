@@ -30,6 +30,8 @@ class AppState:
     offload: Offload
     forwarder: Forwarder | None = None
     script: ScriptCache | None = None
+    # /s/lib.js, the Classic API's script (with routes.jitsu_paths).
+    classic_script: ScriptCache | None = None
     # Canonical names of the public routes (ingest and script): CORS and request metrics.
     public_routes: frozenset[str] = frozenset()
     # server.admin_allow, parsed.
