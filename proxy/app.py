@@ -17,7 +17,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from proxy import routes
+from proxy import classic, routes
 from proxy.buffer import Buffer
 from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
@@ -251,7 +251,7 @@ def create_app(config: Config) -> web.Application:
             ),
         }
     )
-    state.public_routes = routes.add_routes(app, config)
+    state.public_routes = routes.add_routes(app, config) | classic.add_routes(app, config)
     if routes.public_routes(config)[0]:
         state.script = ScriptCache(
             origin=config.script.origin or config.upstream.url.rstrip("/") + "/p.js",
@@ -259,6 +259,17 @@ def create_app(config: Config) -> web.Application:
             event_prefix=config.routes.event_prefix,
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,
+        )
+    if config.routes.jitsu_paths:
+        # Jitsu serves the classic tracker itself (ingest/router_classic_handler.go,
+        # ClassicScriptHandler); its event paths are the classic ones, served here as they are.
+        state.classic_script = ScriptCache(
+            origin=config.upstream.url.rstrip("/") + classic.CLASSIC_SCRIPT_PATH,
+            cache_dir=Path(config.buffer.path).absolute() / "script",
+            event_prefix="",
+            refresh_s=config.script.refresh_s,
+            max_bytes=config.script.max_bytes,
+            name="lib.js",
         )
     app.cleanup_ctx.append(_buffer_ctx)
     app.cleanup_ctx.append(_offload_ctx)
@@ -281,14 +292,17 @@ async def _offload_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _script_ctx(app: web.Application) -> AsyncIterator[None]:
-    script = app[APP_STATE].script
-    if script is None:
+    state = app[APP_STATE]
+    scripts = [s for s in (state.script, state.classic_script) if s is not None]
+    if not scripts:
         yield
         return
     async with aiohttp.ClientSession() as session:
-        await script.start(session)
+        for script in scripts:
+            await script.start(session)
         yield
-        await script.stop()
+        for script in scripts:
+            await script.stop()
 
 
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:

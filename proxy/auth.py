@@ -1,7 +1,8 @@
 """Finds the write key in a request the way Jitsu's ingest does, and says where it came from.
 
 Precedence (ingest/router.go getDataLocator): Authorization (Basic), X-Write-Key, ?writekey=,
-then `writeKey` in a batch body. Upstream only ever gets the key back in X-Write-Key.
+then `writeKey` in a batch body, or on the Classic API its own places (find_classic_key).
+Upstream only ever gets the key back in X-Write-Key.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
 from proxy.errors import IngestError
@@ -21,6 +22,7 @@ class KeySource(StrEnum):
     QUERY = "query"
     BODY = "body"
     HOST = "host"  # routes.host_keys: the first-party Host's configured key
+    CLASSIC = "classic"  # ?token=, X-Auth-Token, api_key header, ?p_*= (Classic API only)
     NONE = "none"
 
 
@@ -127,6 +129,43 @@ def find_write_key(
         return _checked(query_key, KeySource.QUERY)
     if isinstance(body_key, str) and body_key.strip():
         return _checked(body_key.strip(), KeySource.BODY)
+    return None
+
+
+# The Classic API's own key places (ingest/router_classic_handler.go, ClassicHandler's
+# writeKeyExtractor): asked only when getDataLocator's found nothing.
+CLASSIC_QUERY_KEY = "token"
+CLASSIC_HEADER_KEYS = ("X-Auth-Token", "api_key")
+CLASSIC_QUERY_PREFIX = "p_"
+
+
+def is_classic_key_param(name: str) -> bool:
+    """A query parameter the Classic API may read a key from (then never forwarded)."""
+    return name == CLASSIC_QUERY_KEY or name.startswith(CLASSIC_QUERY_PREFIX)
+
+
+def find_classic_key(
+    headers: Mapping[str, str], query: Iterable[tuple[str, str]]
+) -> WriteKey | None:
+    """The write key of a Classic API request, by Jitsu's precedence: getDataLocator's
+    Authorization, X-Write-Key and ?writekey= first (a present Authorization wins even when
+    it decodes to nothing), then ?token=, X-Auth-Token, an `api_key` header, and the first
+    ?p_<anything>= (Jitsu takes one at random when there are several: Go map order)."""
+    pairs = list(query)
+    first = dict(reversed(pairs))  # the first value of each name, as Go's Query() reads it
+    found = find_write_key(headers, first)
+    if found is not None or headers.get("Authorization", "").strip():
+        return found
+    for value in (
+        first.get(CLASSIC_QUERY_KEY, ""),
+        *(headers.get(name, "") for name in CLASSIC_HEADER_KEYS),
+    ):
+        if value.strip():
+            return _checked(value.strip(), KeySource.CLASSIC)
+    for name, value in pairs:
+        if name.startswith(CLASSIC_QUERY_PREFIX):
+            # Jitsu takes this one's value even when it is empty (and then finds no stream).
+            return _checked(value.strip(), KeySource.CLASSIC) if value.strip() else None
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -18,7 +19,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -159,15 +160,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _parse_json(body: bytes) -> Any:
-    """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
-    accept we must be able to forward as JSON."""
+@contextlib.contextmanager
+def _reading_json() -> Iterator[None]:
+    """A body that is not JSON we can take is Jitsu's "error parsing message"."""
     try:
-        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+        yield
     except RecursionError:
         raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise IngestError(f"error parsing message: {exc}", status=400) from None
+
+
+def _parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
+    accept we must be able to forward as JSON."""
+    with _reading_json():
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _dump(obj: Any) -> bytes:
@@ -192,10 +200,11 @@ def _validate_event(
 ) -> None:
     """Jitsu's patchEvent checks: the path type wins unless it is `event`."""
     if fixed_type == "event":
+        # GetS: a type that is no string (a repeated pixel parameter's array) is none.
         body_type = event.get("type")
-        if not body_type:
+        if not body_type or not isinstance(body_type, str):
             raise IngestError("event error: type property of event is required")
-        fixed_type = str(body_type)
+        fixed_type = body_type
     if fixed_type not in EVENT_TYPES:
         raise IngestError(f"event error: Unknown event type: {fixed_type}")
     if fixed_type == "track":
@@ -242,11 +251,11 @@ def _event_size_check(raw: bytes, max_event_bytes: int) -> None:
         )
 
 
-def _mask_body_key(event: dict[str, Any]) -> None:
+def _mask_body_key(event: dict[str, Any], field: str = "writeKey") -> None:
     """jitsu-js puts a masked key in the body; anything else there would carry the secret."""
-    body_key = event.get("writeKey")
+    body_key = event.get(field)
     if isinstance(body_key, str) and body_key and not body_key.endswith(":***"):
-        event["writeKey"] = mask_key(body_key)
+        event[field] = mask_key(body_key)
 
 
 def parse_single(
@@ -287,10 +296,8 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
     """json.loads for a top-level object, except that a `batch` array is read element by
     element and capped. Same acceptance as json.loads otherwise (duplicate keys: the last)."""
-    try:
-        text = body.decode(json.detect_encoding(body), "surrogatepass")
-        if text.startswith("\ufeff"):
-            raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+    with _reading_json():
+        text = _json_text(body)
         pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
         if text[pos : pos + 1] != "{":
             if len(text) - pos <= 64 * 1024:
@@ -324,10 +331,13 @@ def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
                 return payload
             if delimiter != ",":
                 raise ValueError(f"Expecting ',' delimiter: char {pos}")
-    except RecursionError:
-        raise IngestError("error parsing message: JSON nested too deeply", status=400) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IngestError(f"error parsing message: {exc}", status=400) from None
+
+
+def _json_text(body: bytes) -> str:
+    text = body.decode(json.detect_encoding(body), "surrogatepass")
+    if text.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+    return text
 
 
 def _expect_end(text: str, pos: int) -> None:
@@ -470,10 +480,76 @@ def prepare_batch(
     )
 
 
-def forward_path(path: str, query: Mapping[str, str]) -> str:
-    """The request path with `writekey` removed from the query string."""
+@dataclasses.dataclass(frozen=True)
+class ClassicBody:
+    """A Classic API body made ready for the buffer (the result of `parse_classic`)."""
+
+    events: list[bytes]  # each event to forward on its own, as a JSON object
+    error: str | None  # Jitsu's answer when one of them was refused (the others go on)
+
+
+def parse_classic(
+    body: bytes, max_events: int, max_event_bytes: int, stamp: str | None = None
+) -> ClassicBody:
+    """A Classic API body read as Jitsu's ClassicHandler reads it
+    (ingest/router_classic_handler.go): an array of events when its first byte is `[`, else
+    one event. Any JSON object is an event: the classic format has no type to check. Pure and
+    picklable, like prepare_batch."""
+    if not body:
+        # Jitsu indexes body[0] and recovers from the panic: 500, and nothing stored.
+        raise _classic_panic()
+    with _reading_json():
+        text = _json_text(body)
+        if body[:1] == b"[":
+            parsed, end = _load_array(text, 0, max_events)
+        else:
+            parsed, end = _DECODER.raw_decode(text, _SPACE.match(text).end())  # type: ignore[union-attr]
+        _expect_end(text, end)
+    events: list[Any] = parsed if body[:1] == b"[" else [parsed]
+    if any(event is None for event in events):
+        # `null` unmarshals to a nil event, whose first read panics in Jitsu.
+        raise _classic_panic()
+    if not all(isinstance(event, dict) for event in events):
+        raise IngestError("error parsing message: an event must be a JSON object")
+    raws: list[bytes] = []
+    error: str | None = None
+    for event in events:
+        _prepare_classic_event(event, stamp)
+        raw = _dump(event)
+        try:
+            _event_size_check(raw, max_event_bytes)
+        except IngestError as exc:
+            # Jitsu answers its first refusal and goes on with the next events.
+            error = error or exc.message
+            continue
+        raws.append(raw)
+    return ClassicBody(raws, error)
+
+
+def _classic_panic() -> IngestError:
+    """Jitsu's answer after it recovered from a panic in the classic handler (a masked error
+    with an id of its own: appbase ResponseError)."""
+    return IngestError(f"error# {uuid.uuid4().hex}: panic", status=500, browser_ok=False)
+
+
+def _prepare_classic_event(event: dict[str, Any], stamp: str | None) -> None:
+    """What patchClassicEvent sets at receipt, set here at acceptance when the event lacks it:
+    `eventn_ctx_event_id` (the messageId, so that retries dedupe) and `utc_time` (the time of
+    acceptance, not of delivery hours later). Both only when absent, as its SetIfAbsent does.
+    `api_key` is masked: Jitsu overwrites it with the key it found the stream by (the key
+    in X-Write-Key), so its body value only ever carried the secret to disk."""
+    if "eventn_ctx_event_id" not in event:
+        event["eventn_ctx_event_id"] = str(uuid.uuid4())
+    if stamp is not None and "utc_time" not in event:
+        event["utc_time"] = stamp
+    _mask_body_key(event, "api_key")
+
+
+def forward_path(path: str, query: Mapping[str, str] | Mapping[str, list[str]]) -> str:
+    """The request path with `writekey` removed from the query string. A multidict's repeated
+    names, or a name's list of values, go as repeated parameters."""
     rest = [(k, v) for k, v in query.items() if k.lower() != "writekey"]
-    return f"{path}?{urlencode(rest)}" if rest else path
+    return f"{path}?{urlencode(rest, doseq=True)}" if rest else path
 
 
 def build_envelope(
@@ -501,28 +577,46 @@ def encode_batch(payload: dict[str, Any]) -> bytes:
 # Pixel query parameters that steer the pixel rather than describe the event.
 PIXEL_CONTROL = frozenset({"data", "cookie_domain", "process_headers", "destination_url"})
 
+# Every value of every query parameter, in order: what Go's url.Values holds.
+PixelQuery = dict[str, list[str]]
 
-def pixel_query(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The pixel's query string as one value per name: the first, for every parameter.
+
+def _first_only(name: str) -> bool:
+    """Parameters of which Jitsu reads the first value only (url.Values.Get, c.Query) and puts
+    none in the event: the control ones, and the key (never in the event here: its secret)."""
+    return name in PIXEL_CONTROL or name.lower() == "writekey"
+
+
+def pixel_query(pairs: Iterable[tuple[str, str]]) -> PixelQuery:
+    """The pixel's query string: every value of a repeated parameter, in order, since Jitsu's
+    parsePixelEvent makes an array of them (ingest/router_pixel_handler.go); of a control
+    parameter or the key only the first value, the only one Jitsu reads.
 
     Everything the pixel does (the key, the event and its validation, the cookie, the
     redirect) reads this dict, and the forwarded query is encoded from it, so what is
-    validated is exactly what goes upstream (issue 7, finding 12: a repeated `type` was
-    validated with the last value and forwarded with the first). The first, as Go's
-    url.Values.Get and aiohttp's .get() read a query. Jitsu itself makes an array of a
-    repeated parameter; mirroring that is left to a later issue, and starts from this dict.
+    validated is exactly what goes upstream (issue 7, finding 12), and Jitsu builds from the
+    forwarded query the event validated here.
     """
-    query: dict[str, str] = {}
+    query: PixelQuery = {}
     for name, value in pairs:
-        query.setdefault(name, value)
+        values = query.setdefault(name, [])
+        if not values or not _first_only(name):
+            values.append(value)
     return query
 
 
-def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
+def pixel_first(query: PixelQuery, name: str) -> str | None:
+    """A parameter as Go's url.Values.Get reads it: its first value."""
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def pixel_event(query: PixelQuery, path_type: str) -> dict[str, Any]:
     """The event a pixel request describes, as Jitsu assembles it: `data` (standard base64 of a
-    JSON object), then every other parameter set at its dotted path. Validated like any event."""
+    JSON object), then every other parameter set at its dotted path, a repeated one as the
+    array of its values. Validated like any event."""
     event: dict[str, Any] = {}
-    data = query.get("data")
+    data = pixel_first(query, "data")
     if data:
         try:
             decoded = json.loads(base64.b64decode(data, validate=True))
@@ -531,32 +625,40 @@ def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
         if not isinstance(decoded, dict):
             raise IngestError("error parsing message: 'data' must be a JSON object")
         event = decoded
-    for name, value in query.items():
-        if name in PIXEL_CONTROL or name.lower() == "writekey":
-            continue
-        node = event
-        *parents, leaf = name.split(".")
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[leaf] = value
+    for name, values in query.items():
+        if not _first_only(name):
+            _set_path(event, name, values[0] if len(values) == 1 else list(values))
     _validate_event(event, resolve_type(path_type))
     return event
 
 
-def mask_pixel_key(query: dict[str, str], event: Mapping[str, Any]) -> None:
+def _set_path(event: dict[str, Any], path: str, value: Any) -> None:
+    """jsonorder's SetPath: a dotted name sets a nested field, making the objects on the way;
+    when one on the way is already something else, nothing is set. So `a=1&a.b=2` gives
+    `a: "1"` in whichever order Go's map hands the names over."""
+    node = event
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if part not in node:
+            node[part] = {}
+        child = node[part]
+        if not isinstance(child, dict):
+            return
+        node = child
+    node[leaf] = value
+
+
+def mask_pixel_key(query: PixelQuery, event: Mapping[str, Any]) -> None:
     """A write key inside the pixel's base64 `data` is masked there, as in any other event
     body: the forwarded query string must not carry the secret. `event` is what pixel_event
     built from that query: its `writeKey` can only come from `data` (the query's own writekey
     is never set on the event), and without one no spelling of the name is in `data` either,
     whose bytes then stay as sent."""
-    data = query.get("data")
+    data = pixel_first(query, "data")
     if not data or "writeKey" not in event:
         return
     decoded = json.loads(base64.b64decode(data, validate=True))  # pixel_event checked it
     _mask_body_key(decoded)
     # Written out again from what was parsed: the raw text may hold the key more than once
     # (a repeated name, an escaped spelling) where the parsed object shows only the last.
-    query["data"] = base64.b64encode(_dump(decoded)).decode("ascii")
+    query["data"] = [base64.b64encode(_dump(decoded)).decode("ascii")]

@@ -77,11 +77,30 @@ def classify_answer(
 
 
 def _json_object(body: bytes) -> dict[str, object] | None:
+    """The JSON object Jitsu answered with. gin writes one more body for each c.JSON call, and
+    Jitsu's classic handler makes two when it refuses an event: the refusal, then
+    {"ok":true} (ingest/router_classic_handler.go). The first is the answer, as its status is."""
     try:
-        payload = json.loads(body)
+        text = body.decode("utf-8")
+        values = []
+        pos = _skip_space(text, 0)
+        while pos < len(text):
+            value, pos = _DECODER.raw_decode(text, pos)
+            values.append(value)
+            pos = _skip_space(text, pos)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+    payload = values[0] if values else None
     return payload if isinstance(payload, dict) else None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
 
 
 @dataclasses.dataclass
@@ -167,11 +186,8 @@ def rejection_in_body(status: int, body: bytes) -> str | None:
     (research notes §2.4, §3.8). That is a rejection, not a delivery."""
     if not 200 <= status < 300 or not body:
         return None
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(payload, dict) and payload.get("error") and payload.get("ok") is not True:
+    payload = _json_object(body)
+    if payload is not None and payload.get("error") and payload.get("ok") is not True:
         return str(payload["error"])
     return None
 

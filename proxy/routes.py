@@ -28,7 +28,7 @@ from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimited
 from proxy.headers import ClientOrigin, forward_headers
 from proxy.metrics import CONTENT_TYPE
 from proxy.refusals import fingerprint
-from proxy.script import etag_matches
+from proxy.script import ScriptCache, etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
 # Jitsu's batch route and its aliases for Segment libraries (research notes §1).
@@ -421,28 +421,29 @@ async def pixel(request: web.Request) -> web.Response:
     request[BROWSER_ROUTE] = True
     headers = dict(cookies.NO_CACHE)
     set_cookies: list[str] = []
-    # From here on only this one-value-per-name copy of the query is read.
+    # From here on only this copy of the query is read (and forwarded).
     query = env.pixel_query(request.query.items())
+    first = {name: values[0] for name, values in query.items()}
     event: dict[str, Any] = {}
     refused = False
     try:
         client_ip = _client_ip(request, state)
         _limit_ip(state, client_ip)
-        key = find_write_key(request.headers, query) or _host_key(request, state)
+        key = find_write_key(request.headers, first) or _host_key(request, state)
         _admit(request, state, key, strict=False)
         event_type = request.match_info["type"]
         event = env.pixel_event(query, event_type)
         env.mask_pixel_key(query, event)
         if not event.get("messageId"):
-            query["messageId"] = str(uuid.uuid4())
+            query["messageId"] = [str(uuid.uuid4())]
         if event.get("timestamp") is None:
             # When the proxy took it, not when Jitsu gets it (hours later after an outage).
-            query["timestamp"] = env.accepted_at()
+            query["timestamp"] = [env.accepted_at()]
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))
         forward = _upstream_headers(request, state, key, client_ip)
         del forward[hdrs.CONTENT_TYPE]
         cookie_header = cookies.forwarded_cookies(request.headers.get(hdrs.COOKIE, ""))
-        if cookies.truthy(query.get("process_headers")) and not event.get("anonymousId"):
+        if cookies.truthy(first.get("process_headers")) and not event.get("anonymousId"):
             if "__eventn_id" not in jar:
                 # Set on the site's domain here; Jitsu's own would be for its host.
                 visitor = str(uuid.uuid4())
@@ -468,7 +469,8 @@ async def pixel(request: web.Request) -> web.Response:
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
     except (RateLimitedError, BufferError_, OverloadedError) as exc:
         headers["X-Jitsu-Error"] = cookies.header_safe(f"event not stored: {exc}")
-    destination = query.get("destination_url") or event.get("destination_url")
+    # The query's, when it has one at all (empty too: gin's DefaultQuery), else the event's.
+    destination = first.get("destination_url", event.get("destination_url"))
     if (
         not refused
         and isinstance(destination, str)
@@ -565,11 +567,16 @@ async def serve_segment_settings(request: web.Request) -> web.Response:
 
 async def serve_script(request: web.Request) -> web.Response:
     """GET/HEAD /p.js (and routes.script_paths): the cached, rewritten tracking script."""
-    state = request.app[APP_STATE]
-    assert state.script is not None
-    variant = await state.script.get()
+    script = request.app[APP_STATE].script
+    assert script is not None
+    return await script_response(request, script)
+
+
+async def script_response(request: web.Request, script: ScriptCache) -> web.Response:
+    """A cached script as Jitsu serves its scripts: ETag, 304, gzip when accepted."""
+    variant = await script.get()
     headers = {
-        hdrs.CACHE_CONTROL: state.config.script.cache_control,
+        hdrs.CACHE_CONTROL: request.app[APP_STATE].config.script.cache_control,
         hdrs.ETAG: variant.etag,
         hdrs.VARY: "Accept-Encoding",
     }

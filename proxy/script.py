@@ -1,5 +1,6 @@
-"""The first-party tracking script (`/p.js`): fetched from upstream, cached in memory and on
-disk, rewritten to the proxy's own event paths, served with ETag / 304 / gzip.
+"""The first-party tracking scripts (`/p.js`, and the classic `/s/lib.js`): fetched from
+upstream, cached in memory and on disk, rewritten to the proxy's own event paths, served with
+ETag / 304 / gzip.
 
 jitsu-js sends events to the origin it was loaded from (research notes §4.1), so serving the
 script from the proxy is what makes a page's events come back here with no other setup.
@@ -71,8 +72,12 @@ class ScriptCache:
         refresh_s: float,
         timeout_s: float = 10.0,
         max_bytes: int = 2 * 1024 * 1024,
+        name: str = "p.js",
     ) -> None:
         self.origin = origin
+        # The file name of the disk copy; one cache per script, each with its own.
+        self.name = name
+        self.log = log.bind(script=name)
         self.max_bytes = max_bytes
         self.cache_dir = cache_dir
         self.event_prefix = event_prefix
@@ -89,16 +94,16 @@ class ScriptCache:
 
     @property
     def _file(self) -> Path:
-        return self.cache_dir / "p.js"
+        return self.cache_dir / self.name
 
     @property
     def _meta(self) -> Path:
-        return self.cache_dir / "p.js.json"
+        return self.cache_dir / f"{self.name}.json"
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._load_disk_copy()
-        self._task = asyncio.create_task(self._refresh_loop(), name="script-refresh")
+        self._task = asyncio.create_task(self._refresh_loop(), name=f"script-refresh-{self.name}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -127,7 +132,7 @@ class ScriptCache:
             return
         self._origin_etag = meta.get("etag")
         self._install(raw)
-        log.info("script_loaded_from_disk", bytes=len(raw))
+        self.log.info("script_loaded_from_disk", bytes=len(raw))
 
     def _install(self, raw: bytes) -> None:
         self.variant = make_variant(raw, self.event_prefix)
@@ -138,7 +143,7 @@ class ScriptCache:
                 await self.refresh()
             except Exception as exc:  # whatever upstream answers, the loop goes on
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("script_refresh_failed")
+                self.log.exception("script_refresh_failed")
             finally:
                 self._attempted.set()
             delay = self.refresh_s if self.last_error is None else min(self.refresh_s, 5.0)
@@ -166,7 +171,7 @@ class ScriptCache:
                 etag = resp.headers.get("ETag")
         except (aiohttp.ClientError, TimeoutError, _FetchError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.warning(
+            self.log.warning(
                 "script_fetch_failed", error=self.last_error, serving_stale=self.variant is not None
             )
             return
@@ -177,7 +182,7 @@ class ScriptCache:
         self.last_error = None
         self.variant = variant
         await asyncio.to_thread(self._save, raw, etag)
-        log.info("script_fetched", bytes=len(raw))
+        self.log.info("script_fetched", bytes=len(raw))
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         chunks: list[bytes] = []
@@ -192,12 +197,12 @@ class ScriptCache:
     def _save(self, raw: bytes, etag: str | None) -> None:
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._file.with_suffix(".tmp")
+            tmp = self._file.with_name(self.name + ".tmp")
             tmp.write_bytes(raw)
             os.replace(tmp, self._file)
             self._meta.write_text(json.dumps({"etag": etag, "fetched_at": self.fetched_at}))
         except OSError as exc:
-            log.warning("script_cache_write_failed", error=str(exc))
+            self.log.warning("script_cache_write_failed", error=str(exc))
 
 
 class _FetchError(Exception):

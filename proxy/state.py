@@ -33,6 +33,8 @@ class AppState:
     refusals: KeyRefusals
     forwarder: Forwarder | None = None
     script: ScriptCache | None = None
+    # /s/lib.js, the Classic API's script (with routes.jitsu_paths).
+    classic_script: ScriptCache | None = None
     # Canonical names of the public routes (ingest and script): CORS and request metrics.
     public_routes: frozenset[str] = frozenset()
     # server.admin_allow, parsed.

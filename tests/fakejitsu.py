@@ -76,6 +76,14 @@ SCRIPT = (
 )
 
 
+# Stands in for Jitsu's classic lib.js (ingest/router_classic_handler.go, sLibJs): it posts to
+# the classic routes of the host it came from.
+CLASSIC_SCRIPT = (
+    b"!function(){var h=document.currentScript.src.replace('/s/lib.js','');"
+    b"window.__jitsuClassic={url:h+'/api/v1/event?token='};}();\n"
+)
+
+
 class FakeJitsu:
     """`script` answers the next requests in order; `fault` may then fail any request;
     `reject` answers 400 for chosen messageIds; `hang` never answers. Everything else gets
@@ -97,6 +105,10 @@ class FakeJitsu:
         self.script_version = 1
         self.script_fetches = 0
         self.script_status = 200
+        # GET /s/lib.js, the classic tracker: served apart, and counted, like /p.js.
+        self.classic_script_body = CLASSIC_SCRIPT
+        self.classic_script_fetches = 0
+        self.classic_script_status = 200
         self.port = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -111,6 +123,7 @@ class FakeJitsu:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         # The tracking script lives apart from the events: fetching it is not an event.
         app.router.add_get("/p.js", self._serve_script)
+        app.router.add_get("/s/lib.js", self._serve_classic_script)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5
@@ -137,6 +150,16 @@ class FakeJitsu:
         return web.Response(
             body=self.script_body,
             headers={"ETag": etag, "Cache-Control": "public, max-age=120"},
+            content_type="application/javascript",
+        )
+
+    async def _serve_classic_script(self, request: web.Request) -> web.StreamResponse:
+        self.classic_script_fetches += 1
+        if self.classic_script_status != 200:
+            return web.Response(status=self.classic_script_status, text="script unavailable")
+        return web.Response(
+            body=self.classic_script_body,
+            headers={"ETag": '"11a64df551425fcc55e4d42a148795d9f25f89d4"'},
             content_type="application/javascript",
         )
 

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy import cookies
+from proxy import envelope as env
 from proxy.state import APP_STATE
 from tests.fakejitsu import FakeJitsu
 
@@ -190,36 +191,31 @@ async def test_pixel_repeated_parameter_is_validated_as_forwarded(
     proxy: TestClient[Any, Any], upstream: FakeJitsu
 ) -> None:
     # Issue 7, finding 12: the event was validated with the last `type` and forwarded with
-    # the first, so a type the edge never accepted went upstream.
-    resp, got = await pixel_then_marker(
-        proxy, upstream, f"event?writekey={KEY}&event=opened&type=bogus&type=track"
-    )
-    assert "Unknown event type: bogus" in resp.headers["X-Jitsu-Error"]
-    assert got == []
-    # The other way round the first value is valid, and it is the only one upstream gets.
-    resp, got = await pixel_then_marker(
-        proxy, upstream, f"event?writekey={KEY}&event=opened&type=track&type=bogus"
-    )
-    assert "X-Jitsu-Error" not in resp.headers
-    (event,) = got
-    assert pairs(event, "type") == ["track"]
+    # the first, so a type the edge never accepted went upstream. Now both values go, as an
+    # array, which Jitsu's patchEvent reads as no type at all (GetS), whatever their order.
+    for types in ("type=bogus&type=track", "type=track&type=bogus"):
+        resp, got = await pixel_then_marker(
+            proxy, upstream, f"event?writekey={KEY}&event=opened&{types}"
+        )
+        assert "type property of event is required" in resp.headers["X-Jitsu-Error"]
+        assert got == []
 
 
 async def test_pixel_repeated_track_name_is_validated_as_forwarded(
     proxy: TestClient[Any, Any], upstream: FakeJitsu
 ) -> None:
-    resp, got = await pixel_then_marker(
-        proxy, upstream, f"track?writekey={KEY}&event=&event=opened"
-    )
-    assert "'event' property is required" in resp.headers["X-Jitsu-Error"]
-    assert got == []
+    for names in ("event=&event=opened", "event=opened&event=clicked"):
+        resp, got = await pixel_then_marker(proxy, upstream, f"track?writekey={KEY}&{names}")
+        assert "'event' property" in resp.headers["X-Jitsu-Error"]
+        assert got == []
 
 
-async def test_pixel_takes_the_first_of_every_repeated_parameter(
+async def test_pixel_forwards_every_value_of_a_repeated_parameter(
     proxy: TestClient[Any, Any], upstream: FakeJitsu
 ) -> None:
-    """One rule for every parameter, control ones included: the first value steers the answer
-    and is the only value upstream gets."""
+    """Jitsu's parsePixelEvent makes an array of a repeated parameter: all its values go
+    upstream, in order. Of the control parameters and the key Jitsu reads the first value
+    only (url.Values.Get): the first steers the answer and is the only one forwarded."""
     first = data({"event": "first", "messageId": "px-first"})
     second = data({"event": "second", "messageId": "px-second"})
     query = (
@@ -228,11 +224,13 @@ async def test_pixel_takes_the_first_of_every_repeated_parameter(
         "&destination_url=https://shop.example/first&destination_url=https://evil.example/x"
         "&process_headers=1&process_headers=0"
         "&cookie_domain=shop.example&cookie_domain=data.shop.example"
-        "&properties.campaign=spring&properties.campaign=autumn"
+        "&properties.campaign=spring&properties.tags=a&properties.campaign=autumn"
+        "&properties.tags=b&properties.tags=c"
     )
     resp, got = await pixel_then_marker(
         proxy, upstream, query.replace("+", "%2B"), headers={"Host": "data.shop.example"}
     )
+    assert "X-Jitsu-Error" not in resp.headers
     assert resp.status == 302 and resp.headers["Location"] == "https://shop.example/first"
     assert "Domain=shop.example;" in resp.headers["Set-Cookie"]
     (event,) = got
@@ -242,8 +240,56 @@ async def test_pixel_takes_the_first_of_every_repeated_parameter(
     assert pairs(event, "destination_url") == ["https://shop.example/first"]
     assert pairs(event, "process_headers") == ["1"]
     assert pairs(event, "cookie_domain") == ["shop.example"]
-    assert pairs(event, "properties.campaign") == ["spring"]
-    assert [k for k, _ in event.query_pairs] == list(dict(event.query_pairs))
+    assert pairs(event, "properties.campaign") == ["spring", "autumn"]
+    assert pairs(event, "properties.tags") == ["a", "b", "c"]
+
+
+def test_pixel_event_is_built_as_jitsu_builds_it() -> None:
+    """Arrays for repeated names, and jsonorder's SetPath: a dotted name under a field that is
+    no object sets nothing, in whichever order the names come."""
+    query = env.pixel_query(
+        [
+            ("data", data({"event": "opened", "user": "u1"})),
+            ("properties.tags", "a"),
+            ("properties.tags", "b"),
+            ("properties.one", "1"),
+            ("user.id", "dropped"),
+            ("ctx.page.url", "https://shop.example/"),
+            ("ctx", "plain"),
+            ("ctx.late", "dropped"),
+            ("event.sub", "dropped"),
+        ]
+    )
+    assert env.pixel_event(query, "track") == {
+        "event": "opened",
+        "user": "u1",
+        "properties": {"tags": ["a", "b"], "one": "1"},
+        "ctx": "plain",
+    }
+
+
+async def test_pixel_dotted_name_under_a_plain_field_is_not_an_object(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """`event=opened&event.x=1`: Jitsu keeps the name a string (SetPath sets nothing under
+    it), so the event is valid and goes upstream; it was refused as a non-string name."""
+    resp, got = await pixel_then_marker(
+        proxy, upstream, f"track?writekey={KEY}&event=opened&event.x=1"
+    )
+    assert "X-Jitsu-Error" not in resp.headers
+    (event,) = got
+    assert pairs(event, "event") == ["opened"] and pairs(event, "event.x") == ["1"]
+
+
+async def test_pixel_empty_destination_in_the_query_wins_over_the_event(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """gin's DefaultQuery: a destination_url in the query, even an empty one, is the one."""
+    event = data({"event": "opened", "destination_url": "https://shop.example/offer"})
+    resp, _got = await pixel_then_marker(
+        proxy, upstream, f"track?writekey={KEY}&data={event}&destination_url="
+    )
+    assert resp.status == 200 and resp.content_type == "image/gif"
 
 
 async def test_a_key_inside_the_pixel_data_is_masked_upstream(

@@ -82,6 +82,14 @@ def test_classify_status(status: int, outcome: Outcome) -> None:
         (200, b'{"destinations":[],"ok":true}', None),
         (200, b'{"ok":true,"error":"ignored when ok is true"}', None),
         (200, b'{"error":""}', None),
+        # Jitsu's classic handler: gin appends {"ok":true} to its refusal of an event.
+        (
+            200,
+            b'{"error":"no destinations found for stream: s1"}{"ok":true}',
+            "no destinations found for stream: s1",
+        ),
+        (200, b'{"ok":true}\n{"ok":true}', None),
+        (200, b'{"error":"x"} trailing', None),
         (200, b'{"error":null}', None),
         # A batch's per-event errors are a partial result, not a rejection of the request.
         (200, b'{"errors":["Message ID: m1: event error: x"],"ok":false,"okEvents":0}', None),
@@ -295,6 +303,10 @@ def test_parsed_retry_after_feeds_the_backoff() -> None:
         ("POST", 400, b'{"error":"event error: Unknown event type: x"}', None, Outcome.REJECTED),
         ("POST", 401, b'{"error":"stream not found: for: ..."}', None, Outcome.REJECTED),
         ("POST", 402, b'{"error":"quota exceeded"}', None, Outcome.REJECTED),
+        # The classic handler's refusal with gin's second body behind it.
+        ("POST", 400, b'{"error":"event error: too big"}{"ok":true}', None, Outcome.REJECTED),
+        ("POST", 200, b'{"error":"event error: too big"}{"ok":true}', None, Outcome.REJECTED),
+        ("POST", 200, b'{"ok":true} <html>', None, Outcome.RETRY),
         ("POST", 400, b"<html>400 Bad Request</html>", None, Outcome.RETRY),
         ("POST", 403, b"Forbidden", None, Outcome.RETRY),
         ("POST", 404, b'{"error":"not found"}', None, Outcome.RETRY),

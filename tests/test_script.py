@@ -5,10 +5,11 @@ from __future__ import annotations
 import gzip
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.state import APP_STATE
-from tests.fakejitsu import SCRIPT, FakeJitsu
+from tests.fakejitsu import CLASSIC_SCRIPT, SCRIPT, FakeJitsu
 
 KEY = "kid:sec"
 
@@ -63,15 +64,21 @@ async def test_stale_copy_is_served_when_the_origin_fails(
     assert (await newer.read()).endswith(b"//v2\n")
 
 
+@pytest.mark.parametrize(
+    ("path", "failing", "other"),
+    [("/p.js", "script_status", "/s/lib.js"), ("/s/lib.js", "classic_script_status", "/p.js")],
+)
 async def test_cold_start_without_origin_is_a_clear_503(
-    make_proxy: Any, upstream: FakeJitsu
+    make_proxy: Any, upstream: FakeJitsu, path: str, failing: str, other: str
 ) -> None:
-    upstream.script_status = 500
+    setattr(upstream, failing, 500)
     proxy = await make_proxy()
-    resp = await proxy.get("/p.js")
+    resp = await proxy.get(path)
     assert resp.status == 503
     assert "Retry-After" in resp.headers
-    assert "tracking script not available" in (await resp.json())["error"]
+    error = (await resp.json())["error"]
+    assert "tracking script not available" in error and "answered 500" in error
+    assert (await proxy.get(other)).status == 200, "each script is cached on its own"
 
 
 async def test_disk_copy_survives_a_restart(make_proxy: Any, upstream: FakeJitsu) -> None:
@@ -148,3 +155,42 @@ async def test_an_oversized_script_is_refused_and_the_good_copy_stays(
     await script.refresh()
     assert "larger than script.max_bytes (65536)" in (script.last_error or "")
     assert await (await proxy.get("/p.js")).read() == SCRIPT
+
+
+async def test_classic_lib_js_is_jitsus_own_file_served_like_p_js(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu
+) -> None:
+    """Jitsu serves the classic tracker at /s/lib.js (ClassicScriptHandler), a file of its own,
+    not p.js: it is fetched from there and cached apart, with ETag, 304, HEAD and gzip."""
+    resp = await proxy.get("/s/lib.js")
+    assert resp.status == 200
+    assert await resp.read() == CLASSIC_SCRIPT
+    assert resp.headers["Content-Type"].startswith("application/javascript")
+    assert resp.headers["Cache-Control"] == "public, max-age=120"
+    etag = resp.headers["ETag"]
+    assert etag != (await proxy.get("/p.js")).headers["ETag"]
+    assert (await proxy.get("/s/lib.js", headers={"If-None-Match": etag})).status == 304
+    head = await proxy.head("/s/lib.js")
+    assert head.status == 200 and head.headers["ETag"] == etag
+    zipped = await proxy.get(
+        "/s/lib.js", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    )
+    assert gzip.decompress(await zipped.read()) == CLASSIC_SCRIPT
+    assert upstream.classic_script_fetches == 1 and upstream.script_fetches == 1
+    assert upstream.received == [], "fetching a script is no event"
+
+
+async def test_classic_lib_js_has_its_own_disk_copy_and_no_rewrite(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Its events go to the classic routes, served here as they are: the event_prefix rewrite
+    of p.js does not touch it."""
+    upstream.classic_script_body = CLASSIC_SCRIPT + b"//'/api/s/' stays\n"
+    proxy = await make_proxy(routes={"event_prefix": "/collect"})
+    assert await (await proxy.get("/s/lib.js")).read() == upstream.classic_script_body
+    assert b"/collect/" in await (await proxy.get("/p.js")).read()
+    await proxy.close()
+    upstream.script_status = upstream.classic_script_status = 500
+    again = await make_proxy(routes={"event_prefix": "/collect"})
+    assert await (await again.get("/s/lib.js")).read() == upstream.classic_script_body
+    assert b"/collect/" in await (await again.get("/p.js")).read()
