@@ -8,6 +8,7 @@ Design: ../shared/docs/research/reliability.md §4.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
@@ -19,7 +20,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import structlog
 
@@ -179,9 +180,113 @@ class SalvagedRow:
     failure: Failure | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Occupancy:
+    """How one write changed what the buffer holds."""
+
+    rows: int = 0
+    bytes: int = 0
+    events: int = 0
+    dead_rows: int = 0
+    dead_bytes: int = 0
+
+
+class Write(abc.ABC):
+    """A typed write: applied inside the writer's transaction (grouped with others, or alone
+    if the group fails), it returns the change in occupancy that the buffer then books."""
+
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def apply(self, conn: sqlite3.Connection) -> Occupancy: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Some events of a stored row, as a body of their own (a batch of just those events)."""
+
+    body: bytes
+    events: int
+    reason: str = ""  # why upstream refused them, for a piece that is dead-lettered
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettlement(Write):
+    """What became of a row's events, event by event, in one transaction: the row keeps only
+    `keep` (same seq, same place in the queue; deleted when None), `more` pieces join the
+    queue as rows of their own (a split), each `dead` piece becomes a dead letter of its own.
+    A crash leaves either the row as it was or all of this, so an event is never lost and
+    never both sent again and dead-lettered. Every new row keeps the row's path, headers, key
+    and `received_at`; sizes keep the row's own accounting (Envelope.stored_size) with the
+    new body's length."""
+
+    kind: ClassVar[str] = "settle"
+
+    seq: int
+    keep: Piece | None
+    more: tuple[Piece, ...] = ()
+    dead: tuple[Piece, ...] = ()
+    status: int | None = None
+    attempts: int = 1
+
+    def apply(self, conn: sqlite3.Connection) -> Occupancy:
+        found = conn.execute(
+            "SELECT size, length(body), events FROM events WHERE seq = ?", (self.seq,)
+        ).fetchone()
+        if found is None:
+            return Occupancy()  # settled already: nothing to take apart
+        size, body_size, events = found
+        base = size - body_size  # what the row costs besides its body
+        rows = added = added_events = dead_rows = dead_bytes = 0
+        for piece in self.more:
+            self._copy(conn, piece, base)
+            rows += 1
+            added += base + len(piece.body)
+            added_events += piece.events
+        now = time.time()
+        for piece in self.dead:
+            # Into dead_letter through events, so that its seq comes from events'
+            # AUTOINCREMENT (as salvage does) and collides with no row nor dead letter.
+            seq = self._copy(conn, piece, base)
+            reason = piece.reason[:MAX_REASON_CHARS]
+            conn.execute(
+                "INSERT INTO dead_letter (seq, received_at, key_id, path, headers, body, size,"
+                " events, failed_at, status, reason, attempts, method)"
+                " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?,"
+                " ?, method FROM events WHERE seq = ?",
+                (now, self.status, reason, self.attempts, seq),
+            )
+            conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+            dead_rows += 1
+            dead_bytes += base + len(piece.body) + len(reason.encode("utf-8", "surrogatepass"))
+        if self.keep is None:
+            conn.execute("DELETE FROM events WHERE seq = ?", (self.seq,))
+            rows -= 1
+            added -= size
+            added_events -= events
+        else:
+            conn.execute(
+                "UPDATE events SET body = ?, size = ?, events = ? WHERE seq = ?",
+                (self.keep.body, base + len(self.keep.body), self.keep.events, self.seq),
+            )
+            added += len(self.keep.body) - body_size
+            added_events += self.keep.events - events
+        return Occupancy(rows, added, added_events, dead_rows, dead_bytes)
+
+    def _copy(self, conn: sqlite3.Connection, piece: Piece, base: int) -> int:
+        """A new row: this row with the piece's body. Returns its seq."""
+        cur = conn.execute(
+            "INSERT INTO events (received_at, key_id, path, headers, body, size, events, method)"
+            " SELECT received_at, key_id, path, headers, ?, ?, ?, method FROM events WHERE seq = ?",
+            (piece.body, base + len(piece.body), piece.events, self.seq),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+
 @dataclasses.dataclass
 class _Op:
-    kind: str  # insert | delete | dead_letter | requeue | salvage
+    kind: str  # insert | delete | dead_letter | requeue | salvage | trim_dead | Write.kind
     args: Any
     future: asyncio.Future[Any]
 
@@ -415,6 +520,8 @@ class Buffer:
             self._conn = None
 
     def _apply(self, conn: sqlite3.Connection, op: _Op) -> Any:
+        if isinstance(op.args, Write):
+            return op.args.apply(conn)
         if op.kind == "insert":
             envelopes: Sequence[Envelope] = op.args
             now = time.time()
@@ -639,7 +746,11 @@ class Buffer:
         if any(ok for ok, _ in results):
             self.last_error = None
         for op, (ok, result) in zip(ops, results, strict=True):
-            if op.kind == "insert":
+            if isinstance(op.args, Write):
+                if ok:
+                    self._book(result)
+                    inserted = inserted or result.rows > 0
+            elif op.kind == "insert":
                 size = sum(e.stored_size for e in op.args)
                 self._reserved -= size
                 if ok:
@@ -704,6 +815,13 @@ class Buffer:
             self.new_data.set()
         if self.dead_bytes > self.max_dead_letter_bytes and not self._trimming:
             self._trim_dead_letters()
+
+    def _book(self, change: Occupancy) -> None:
+        self.rows += change.rows
+        self.bytes += change.bytes
+        self.events += change.events
+        self.dead_rows += change.dead_rows
+        self.dead_bytes += change.dead_bytes
 
     def _trim_dead_letters(self) -> None:
         """Queue a trim of the dead-letter store back under its bound (buffer.max_dead_letter_
@@ -781,6 +899,11 @@ class Buffer:
     async def dead_letter(self, seq: int, status: int | None, reason: str, attempts: int) -> None:
         """Upstream refused the row for good: keep it, with why, out of the send queue."""
         await self._submit("dead_letter", (seq, status, reason, attempts))
+
+    async def settle(self, settlement: RowSettlement) -> None:
+        """Upstream took some of the row's events, refused some, and the rest go again (or
+        it was too large and is split): all of it in one transaction."""
+        await self._submit(settlement.kind, settlement)
 
     async def requeue_dead_letters(
         self, selection: DeadLetterFilter | None = None, *, write_key: str | None = None

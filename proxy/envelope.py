@@ -293,11 +293,26 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
+@dataclasses.dataclass
+class _BatchLayout:
+    """Where the `batch` array and its elements lie in the text `_load_batch` read."""
+
+    text: str = ""
+    start: int = -1  # just after the array's `[`
+    end: int = -1  # at its `]`
+    spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
+def _load_batch(
+    body: bytes, max_events: int | None, layout: _BatchLayout | None = None
+) -> dict[str, Any]:
     """json.loads for a top-level object, except that a `batch` array is read element by
-    element and capped. Same acceptance as json.loads otherwise (duplicate keys: the last)."""
+    element and capped. Same acceptance as json.loads otherwise (duplicate keys: the last).
+    With `layout`, it also notes where the `batch` array's elements lie in the text."""
     with _reading_json():
         text = _json_text(body)
+        if layout is not None:
+            layout.text = text
         pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
         if text[pos : pos + 1] != "{":
             if len(text) - pos <= 64 * 1024:
@@ -320,7 +335,7 @@ def _load_batch(body: bytes, max_events: int | None) -> dict[str, Any]:
                 raise ValueError(f"Expecting ':' delimiter: char {pos}")
             pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
             if key == "batch" and text[pos : pos + 1] == "[":
-                payload[key], pos = _load_array(text, pos, max_events)
+                payload[key], pos = _load_array(text, pos, max_events, layout)
             else:
                 payload[key], pos = _DECODER.raw_decode(text, pos)
             pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
@@ -346,20 +361,30 @@ def _expect_end(text: str, pos: int) -> None:
         raise ValueError(f"Extra data: char {pos}")
 
 
-def _load_array(text: str, pos: int, max_events: int | None) -> tuple[list[Any], int]:
+def _load_array(
+    text: str, pos: int, max_events: int | None, layout: _BatchLayout | None = None
+) -> tuple[list[Any], int]:
     items: list[Any] = []
-    pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+    spans: list[tuple[int, int]] = []
+    start = pos + 1
+    pos = _SPACE.match(text, start).end()  # type: ignore[union-attr]
     if text[pos : pos + 1] == "]":
+        if layout is not None:
+            layout.start, layout.end, layout.spans = start, pos, spans
         return items, pos + 1
     while True:
         if max_events is not None and len(items) >= max_events:
             raise IngestError(
                 f"request body too large: a batch holds at most {max_events} events", status=413
             )
-        value, pos = _DECODER.raw_decode(text, pos)
+        value, end = _DECODER.raw_decode(text, pos)
         items.append(value)
-        pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+        spans.append((pos, end))
+        pos = _SPACE.match(text, end).end()  # type: ignore[union-attr]
         delimiter = text[pos : pos + 1]
+        if delimiter == "]" and layout is not None:
+            # The last `batch` wins, as it does in the payload.
+            layout.start, layout.end, layout.spans = start, pos, spans
         pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
         if delimiter == "]":
             return items, pos
@@ -442,6 +467,50 @@ def split_batch(
     if group:
         pieces.append((prefix + b",".join(group) + suffix, len(group)))
     return pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredBatch:
+    """A buffered batch body taken apart, so that some of its events can be stored or sent
+    on their own (a batch Jitsu took in part, a batch too large for upstream): the bytes
+    around the `batch` array, kept as they are (context, eventsName), and each event's own
+    bytes, unchanged (messageId, timestamp)."""
+
+    head: bytes
+    tail: bytes
+    events: tuple[bytes, ...]
+    # Each event's `messageId` as stored (None when it has none or is not an object).
+    message_ids: tuple[object, ...]
+
+    def body(self, indices: Iterable[int]) -> bytes:
+        """The batch with only these events, in the order given."""
+        return self.head + b",".join(self.events[i] for i in indices) + self.tail
+
+
+def read_stored_batch(body: bytes) -> StoredBatch | None:
+    """A stored body taken apart as a batch; None when it is not a JSON object with a
+    `batch` array (a single event, or a body this proxy did not write)."""
+    if json.detect_encoding(body) != "utf-8":
+        return None
+    layout = _BatchLayout()
+    try:
+        payload = _load_batch(body, None, layout)
+    except IngestError:
+        return None
+    batch = payload.get("batch")
+    if not isinstance(batch, list) or layout.start < 0 or len(layout.spans) != len(batch):
+        return None
+    text = layout.text
+
+    def encoded(part: str) -> bytes:
+        return part.encode("utf-8", "surrogatepass")
+
+    return StoredBatch(
+        head=encoded(text[: layout.start]),
+        tail=encoded(text[layout.end :]),
+        events=tuple(encoded(text[a:b]) for a, b in layout.spans),
+        message_ids=tuple(e.get("messageId") if isinstance(e, dict) else None for e in batch),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,19 +29,24 @@ import structlog
 from aiohttp_retry import ExponentialRetry, RetryClient
 
 from proxy.auth import redact
-from proxy.buffer import Buffer, Row
+from proxy.buffer import Buffer, Piece, Row, RowSettlement
 from proxy.config import UpstreamConfig
+from proxy.envelope import StoredBatch, read_stored_batch
 from proxy.errors import BufferError_
 from proxy.metrics import Metrics
 from proxy.refusals import STREAM_NOT_FOUND, KeyRefusals, fingerprint, route_kind
 from proxy.retry import (
     RETRY_STATUSES,
     Backoff,
+    EventFate,
+    EventVerdict,
     Outcome,
     RowFailures,
     RowVerdict,
     classify_answer,
+    jitsu_json,
     parse_retry_after,
+    read_batch_answer,
 )
 
 log = structlog.get_logger("proxy.forwarder")
@@ -49,6 +54,19 @@ log = structlog.get_logger("proxy.forwarder")
 # Jitsu's answer to a browser event carries its device destinations, code included: read up to
 # this much of an answer to judge it.
 MAX_RESPONSE_BYTES = 1024 * 1024
+# A reason kept with a dead letter or logged, at most (upstream chooses its length).
+MAX_REASON = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialBatch:
+    """A batch Jitsu took in part: the stored batch, and what became of each of its events."""
+
+    batch: StoredBatch
+    verdicts: tuple[EventVerdict, ...]
+
+    def indices(self, fate: EventFate) -> list[int]:
+        return [i for i, v in enumerate(self.verdicts) if v.fate is fate]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +75,9 @@ class Attempt:
     status: int | None
     reason: str
     retry_after_s: float | None = None
-    partial: str | None = None  # a batch upstream took only in part
+    partial: PartialBatch | None = None  # a batch upstream took only in part
+    # The batch must go in smaller pieces: a 413, or an answer too large to read.
+    too_large: bool = False
     sent: bool = True
     # Set when the failure was already counted (inside the request, by get_timeout).
     verdict: RowVerdict | None = None
@@ -370,41 +390,8 @@ class Forwarder:
                     self.sync_sending -= 1
                 self._slot_freed.set()
             self._answer_waiters(row.seq, attempt)
-            self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
             self._note_key_verdict(row, attempt)
-            if attempt.outcome is Outcome.RETRY:
-                verdict = self._failed(row, attempt)
-                if verdict is None or not verdict.dead:
-                    return
-                attempt = dataclasses.replace(
-                    attempt,
-                    outcome=Outcome.REJECTED,
-                    reason=f"{attempt.reason}; failed {verdict.failures} times while other"
-                    " events were delivered",
-                )
-                self.row_failures.forget(row.seq)
-            else:
-                # Delivered or refused by Jitsu itself: either way, upstream works.
-                self.row_failures.ok(row.seq)
-                self._recovered()
-            tries = self.attempts.pop(row.seq, 1)
-            if attempt.outcome is Outcome.DELIVERED and attempt.partial is None:
-                await self.buffer.delete(row.seq)
-                self.metrics.events_delivered.inc(row.events)
-                log.debug("envelope_forwarded", seq=row.seq, events=row.events, attempts=tries)
-                return
-            reason = attempt.partial or attempt.reason
-            await self.buffer.dead_letter(row.seq, attempt.status, reason, tries)
-            self.metrics.events_dead_lettered.inc(row.events)
-            log.warning(
-                "event_dead_lettered",
-                seq=row.seq,
-                path=row.path.split("?", 1)[0],
-                key_id=row.key_id,
-                status=attempt.status,
-                reason=reason,
-                attempts=tries,
-            )
+            await self._settle(row, attempt)
         except BufferError_ as exc:
             # Upstream may have it, our bookkeeping failed: it will be sent again (at least once).
             log.error("forwarder_bookkeeping_failed", seq=row.seq, error=str(exc))
@@ -416,6 +403,127 @@ class Forwarder:
             if self.probe_seq == row.seq:
                 self.probe_seq = None
             self._slot_freed.set()
+
+    async def _settle(self, row: Row, attempt: Attempt) -> None:
+        """Settle the row in the buffer by upstream's answer: delete it, dead-letter it, leave
+        it for a retry, or, for a batch, event by event (a partial answer, a 413)."""
+        self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
+        if attempt.outcome is Outcome.RETRY:
+            verdict = self._failed(row, attempt)
+            if verdict is None or not verdict.dead:
+                return
+            attempt = dataclasses.replace(
+                attempt,
+                outcome=Outcome.REJECTED,
+                reason=f"{attempt.reason}; failed {verdict.failures} times while other"
+                " events were delivered",
+            )
+            self.row_failures.forget(row.seq)
+        else:
+            # Delivered or refused by Jitsu itself: either way, upstream works.
+            self.row_failures.ok(row.seq)
+            self._recovered()
+        tries = self.attempts.pop(row.seq, 1)
+        if attempt.partial is not None:
+            await self._settle_events(row, attempt.partial, attempt.status, tries)
+            return
+        if attempt.too_large and await self._split(row, tries):
+            return
+        if attempt.outcome is Outcome.DELIVERED:
+            await self.buffer.delete(row.seq)
+            self.metrics.events_delivered.inc(row.events)
+            log.debug("envelope_forwarded", seq=row.seq, events=row.events, attempts=tries)
+            return
+        await self.buffer.dead_letter(row.seq, attempt.status, attempt.reason, tries)
+        self.metrics.events_dead_lettered.inc(row.events)
+        self._dead_lettered(row, attempt.status, attempt.reason, tries, row.events)
+
+    async def _settle_events(
+        self, row: Row, partial: PartialBatch, status: int | None, tries: int
+    ) -> None:
+        """Jitsu took some events of the batch: they leave the buffer, the ones it refused
+        become dead letters of their own (one per reason), and the row keeps only the ones to
+        send again, in one transaction. A replay then resends only what Jitsu refused."""
+        key = row.headers.get("X-Write-Key")
+        batch = partial.batch
+        refused: dict[str, list[int]] = {}
+        for index in partial.indices(EventFate.REFUSED):
+            reason = _reason(f"upstream refused: {partial.verdicts[index].reason}", key)
+            refused.setdefault(reason, []).append(index)
+        retry = partial.indices(EventFate.RETRY)
+        accepted = len(partial.indices(EventFate.ACCEPTED))
+        await self.buffer.settle(
+            RowSettlement(
+                row.seq,
+                keep=Piece(batch.body(retry), len(retry)) if retry else None,
+                dead=tuple(
+                    Piece(batch.body(ix), len(ix), reason) for reason, ix in refused.items()
+                ),
+                status=status,
+                attempts=tries,
+            )
+        )
+        dead = len(partial.verdicts) - accepted - len(retry)
+        self.metrics.events_delivered.inc(accepted)
+        self.metrics.events_dead_lettered.inc(dead)
+        log.info(
+            "batch_partially_accepted",
+            seq=row.seq,
+            accepted=accepted,
+            retrying=len(retry),
+            dead_lettered=dead,
+            key_id=row.key_id,
+            retry_reason=_reason(partial.verdicts[retry[0]].reason, key) if retry else None,
+        )
+        for reason, indices in refused.items():
+            self._dead_lettered(row, status, reason, tries, len(indices))
+        if retry:
+            # Progress was made (the row shrank), so this cannot go round for ever; a short
+            # wait of the row's own lets a transient error pass. A row that then fails whole
+            # is a failure like any other (RowFailures).
+            self.parked[row.seq] = time.monotonic() + self.backoff.delay(1)
+
+    async def _split(self, row: Row, tries: int) -> bool:
+        """Upstream found the batch too large (413), or answered more than can be read: send
+        it again in two halves, the first in the row's place, the second as a new row. False
+        when there is nothing to split."""
+        batch = read_stored_batch(row.body) if row.events > 1 else None
+        if batch is None or len(batch.events) < 2:
+            return False
+        half = len(batch.events) // 2
+        rest = range(half, len(batch.events))
+        await self.buffer.settle(
+            RowSettlement(
+                row.seq,
+                keep=Piece(batch.body(range(half)), half),
+                more=(Piece(batch.body(rest), len(rest)),),
+                status=413,
+                attempts=tries,
+            )
+        )
+        log.info(
+            "batch_split",
+            seq=row.seq,
+            events=len(batch.events),
+            into=[half, len(rest)],
+            key_id=row.key_id,
+        )
+        self._rewind()  # the first half is behind the cursor now
+        return True
+
+    def _dead_lettered(
+        self, row: Row, status: int | None, reason: str, tries: int, events: int
+    ) -> None:
+        log.warning(
+            "event_dead_lettered",
+            seq=row.seq,
+            path=row.path.split("?", 1)[0],
+            key_id=row.key_id,
+            status=status,
+            reason=reason,
+            attempts=tries,
+            events=events,
+        )
 
     async def _attempt(self, row: Row) -> Attempt:
         """One delivery attempt; whatever goes wrong in it is an outcome, never an escape
@@ -573,21 +681,15 @@ class Forwarder:
             return Attempt(
                 outcome,
                 status,
-                reason[:1024],
+                reason[:MAX_REASON],
+                too_large=status == 413,
                 # Passed on to a waiting browser: Jitsu quotes the whole key when refusing it.
                 body=redact(body.decode("utf-8", "replace"), key).encode() if key else body,
                 content_type=content_type,
                 jitsu_error=_jitsu_error(row.method, body, jitsu_error, key),
             )
-        return Attempt(
-            outcome,
-            status,
-            "ok",
-            partial=_partial_batch(body, key),
-            body=body,
-            content_type=content_type,
-            whole=whole,
-        )
+        attempt = _per_event(row, status, body, key, whole=whole)
+        return dataclasses.replace(attempt, body=body, content_type=content_type, whole=whole)
 
     # ---- state for health and metrics ------------------------------------------------------
 
@@ -616,30 +718,59 @@ def _verdict(attempt: Attempt) -> UpstreamAnswer | None:
 def _jitsu_error(method: str, body: bytes, header: str | None, key: str | None) -> str | None:
     """Jitsu's refusal message (the pixel's in X-Jitsu-Error, the others' in the JSON body),
     with the secret masked: Jitsu quotes the whole key in "stream not found" messages."""
-    if method == "GET":
-        text = header
-    else:
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return None
-        text = payload.get("error") if isinstance(payload, dict) else None
+    text: object = header
+    if method != "GET":
+        payload = jitsu_json(body)
+        text = payload.get("error") if payload is not None else None
     return redact(text, key)[:1024] if isinstance(text, str) and text else None
 
 
-def _partial_batch(body: bytes, key: str | None) -> str | None:
-    """Jitsu's batch answers 200 with per-event `errors`; those events were not taken."""
+def _per_event(
+    row: Row, status: int, body: bytes, key: str | None, *, whole: bool = True
+) -> Attempt:
+    """A 2xx answer read event by event: Jitsu's batch answers 200 with `errors` naming the
+    events it did not take (router_batch_handler.go). A batch is taken apart when some of its
+    events went through or were refused; a row that is not a batch stands or falls whole."""
+    if not whole:
+        # Only a long list of errors makes Jitsu's batch answer this large: halves of the
+        # batch get answers that can be read.
+        batch = read_stored_batch(row.body) if row.events > 1 else None
+        split = batch is not None and len(batch.events) > 1
+        return Attempt(Outcome.DELIVERED, status, "ok", too_large=split)
+    payload = jitsu_json(body)
+    if payload is None or not payload.get("errors"):
+        return Attempt(Outcome.DELIVERED, status, "ok")
+    batch = read_stored_batch(row.body)
+    if batch is not None:
+        ids = batch.message_ids
+    else:
+        single = _json_object(row.body)
+        ids = (single.get("messageId"),) if single is not None else (None,) * row.events
+    verdicts = read_batch_answer(ids, payload)
+    retry = [v for v in verdicts if v.fate is EventFate.RETRY]
+    refused = [v for v in verdicts if v.fate is EventFate.REFUSED]
+    if not retry and not refused:
+        return Attempt(Outcome.DELIVERED, status, "ok")
+    if batch is not None and len(retry) < len(verdicts):
+        return Attempt(Outcome.DELIVERED, status, "ok", partial=PartialBatch(batch, verdicts))
+    # Nothing taken and nothing refused (Jitsu's own trouble, say Kafka), or a row that cannot
+    # be taken apart: it fails whole, as any row does.
+    if retry:
+        reason = f"upstream could not take {len(retry)} of {len(verdicts)} event(s)"
+        return Attempt(Outcome.RETRY, status, _reason(f"{reason}: {retry[0].reason}", key))
+    return Attempt(Outcome.REJECTED, status, _reason(f"upstream refused: {refused[0].reason}", key))
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(payload, dict):
-        return None
-    errors = payload.get("errors")
-    if not errors or not isinstance(errors, list):
-        return None
-    joined = "; ".join(str(e)[:200] for e in errors[:20])
-    return redact(f"upstream rejected {len(errors)} event(s) of the batch: {joined}", key)[:1024]
+    return value if isinstance(value, dict) else None
+
+
+def _reason(text: str, key: str | None) -> str:
+    return redact(text, key)[:MAX_REASON]
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:

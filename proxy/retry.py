@@ -14,7 +14,9 @@ import datetime
 import email.utils
 import json
 import random
+import re
 import time
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -22,6 +24,14 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 RETRY_STATUSES = frozenset(RETRYABLE_STATUSES | set(range(500, 600)) - {501})
 # Jitsu's ingest routes exist: a 404 or 405 there comes from something in between.
 NOT_JITSU_STATUSES = frozenset({404, 405})
+
+
+# Jitsu's public errors (ingest/router.go): "no destinations" is what Jitsu does with an event
+# of a stream that has none, a success for the sender; "quota exceeded" is its billing
+# throttle (ErrThrottledType), "event error" its verdict on the event itself.
+NO_DESTINATIONS = "no destinations found for stream"
+THROTTLED = "quota exceeded"
+EVENT_ERROR = "event error"
 
 
 class Outcome(StrEnum):
@@ -54,14 +64,14 @@ def classify_answer(
     if method == "GET":
         # The pixel: 200 with a GIF, its refusal in a header (research notes §2.4).
         if outcome is Outcome.DELIVERED:
-            if jitsu_error:
+            if jitsu_error and not jitsu_error.startswith(NO_DESTINATIONS):
                 return Outcome.REJECTED, f"upstream refused: {jitsu_error}"
             return outcome, "ok"
         return Outcome.RETRY, f"upstream answered {status}, not Jitsu's pixel answer"
     if outcome is Outcome.DELIVERED and not whole and body.lstrip().startswith(b"{"):
         # Too large to read whole: Jitsu's refusals are small; its device destinations are not.
         return outcome, "ok"
-    payload = _json_object(body)
+    payload = jitsu_json(body)
     if outcome is Outcome.DELIVERED:
         if payload is None:
             # Jitsu always answers JSON; a 200 HTML page is a wrong URL or a portal.
@@ -71,12 +81,18 @@ def classify_answer(
             return Outcome.REJECTED, f"upstream refused: {refused}"
         return outcome, "ok"
     error = payload.get("error") if payload is not None else None
+    if status == 413:
+        # Whoever said it (Jitsu has no size check of its own that answers 413; an ingress in
+        # front of it does), the same bytes will be refused again: a batch is split
+        # (Forwarder._settle), a single event is dead-lettered.
+        said = f": {error}" if isinstance(error, str) and error else ""
+        return Outcome.REJECTED, f"upstream answered 413: request too large for upstream{said}"
     if status in NOT_JITSU_STATUSES or not isinstance(error, str) or not error:
         return Outcome.RETRY, f"upstream answered {status}, not Jitsu's verdict on the event"
     return Outcome.REJECTED, f"upstream answered {status}: {error}"
 
 
-def _json_object(body: bytes) -> dict[str, object] | None:
+def jitsu_json(body: bytes) -> dict[str, object] | None:
     """The JSON object Jitsu answered with. gin writes one more body for each c.JSON call, and
     Jitsu's classic handler makes two when it refuses an event: the refusal, then
     {"ok":true} (ingest/router_classic_handler.go). The first is the answer, as its status is."""
@@ -186,10 +202,132 @@ def rejection_in_body(status: int, body: bytes) -> str | None:
     (research notes §2.4, §3.8). That is a rejection, not a delivery."""
     if not 200 <= status < 300 or not body:
         return None
-    payload = _json_object(body)
+    payload = jitsu_json(body)
     if payload is not None and payload.get("error") and payload.get("ok") is not True:
-        return str(payload["error"])
+        error = str(payload["error"])
+        # Jitsu answers so for a stream without destinations: it took the event (issue 8).
+        return None if error.startswith(NO_DESTINATIONS) else error
     return None
+
+
+# ---- a batch answer, event by event ---------------------------------------------------------
+
+# Jitsu's batch answer names each event it did not take as "Message ID: <id>: <public error>"
+# (ingest/router_batch_handler.go, BatchHandler), where <id> is the event's messageId with
+# every character outside this set replaced by `_`, cut to 64 characters (router.go
+# messageIdUnsupportedChars, jitsubase/utils.ShortenString), or a fresh uuid when the event
+# has no string messageId.
+_UNSUPPORTED_ID_CHARS = re.compile(r"[^a-zA-Z0-9._-]")
+_BATCH_ERROR = re.compile(r"Message ID: ([a-zA-Z0-9._-]+): (.*)", re.DOTALL)
+MAX_MESSAGE_ID_CHARS = 64
+
+
+def jitsu_message_id(value: object) -> str | None:
+    """The id Jitsu's batch answer gives an event with this `messageId`; None when Jitsu makes
+    up one of its own (no messageId, an empty one, or one that is not a string)."""
+    if not isinstance(value, str) or not value:
+        return None
+    # Python's str and Go's runes agree here: one code point, one `_`.
+    return _UNSUPPORTED_ID_CHARS.sub("_", value)[:MAX_MESSAGE_ID_CHARS]
+
+
+class EventFate(StrEnum):
+    ACCEPTED = "accepted"
+    RETRY = "retry"
+    REFUSED = "refused"
+
+
+def classify_event_error(message: str) -> EventFate:
+    """What one event's error in a batch answer means (ingest/router.go, sendToRotor and the
+    batch handler): no destinations is a success, Jitsu's verdict on the event or its quota
+    throttle is a refusal. Masked errors ("error# <id>: producer error") are Jitsu's own
+    failures, and an error this proxy does not know is treated alike: retried, which
+    RowFailures bounds, rather than dead-lettered."""
+    if message.startswith(NO_DESTINATIONS):
+        return EventFate.ACCEPTED
+    if message.startswith((EVENT_ERROR, THROTTLED)):
+        return EventFate.REFUSED
+    return EventFate.RETRY
+
+
+@dataclasses.dataclass(frozen=True)
+class EventVerdict:
+    fate: EventFate
+    reason: str = ""  # Jitsu's message about the event, or why its fate is not known
+
+
+ACCEPTED = EventVerdict(EventFate.ACCEPTED)
+
+
+def read_batch_answer(
+    message_ids: Sequence[object], answer: Mapping[str, object]
+) -> tuple[EventVerdict, ...]:
+    """Jitsu's verdict on each event of a batch (their `messageId`s, in order) from its 2xx
+    answer. An event its `errors` do not name was taken (or dropped as an in-batch duplicate:
+    `deduplicatedEvents`, taken too). Where the answer cannot be pinned on events (an error
+    naming no event of the batch, one that is not in Jitsu's format, a count that does not
+    match), the events it may be about are sent again: never lost, and never dead-lettered
+    while Jitsu may have taken them."""
+    count = len(message_ids)
+    errors = answer.get("errors")
+    if not isinstance(errors, list) or not errors:
+        return (ACCEPTED,) * count
+    received = answer.get("receivedEvents")
+    if isinstance(received, int) and not isinstance(received, bool) and received != count:
+        unsure = EventVerdict(
+            EventFate.RETRY, f"upstream counted {received} events in a batch of {count}"
+        )
+        return (unsure,) * count
+    ids = [jitsu_message_id(m) for m in message_ids]
+    events_of: dict[str, list[int]] = {}
+    for index, jid in enumerate(ids):
+        if jid is not None:
+            events_of.setdefault(jid, []).append(index)
+    named: dict[str, list[str]] = {}
+    stray: list[str] = []  # errors that name no event this proxy can tell
+    for error in errors:
+        match = _BATCH_ERROR.fullmatch(error) if isinstance(error, str) else None
+        if match is None:
+            stray.append(str(error))
+        else:
+            named.setdefault(match[1], []).append(match[2])
+    verdicts: list[EventVerdict | None] = [None] * count
+    for jid, messages in named.items():
+        indices = events_of.get(jid, [])
+        if all(classify_event_error(m) is EventFate.ACCEPTED for m in messages):
+            continue  # whichever events they are about, taken
+        if len(messages) == len(indices):
+            # Jitsu answers in the batch's order: the n-th error with an id is its n-th event.
+            for index, message in zip(indices, messages, strict=True):
+                verdicts[index] = EventVerdict(classify_event_error(message), message)
+            continue
+        # Several events share the id (Jitsu may have dropped some as duplicates), or no
+        # event has it: which event each error is about is not known.
+        for index in indices:
+            verdicts[index] = EventVerdict(
+                EventFate.RETRY, f"not known which event with this id failed: {messages[0]}"
+            )
+        if len(messages) > len(indices):
+            stray.extend(f"Message ID: {jid}: {m}" for m in messages)
+    # Stray errors all in Jitsu's form name ids Jitsu made up for events without one.
+    pinned = all(_BATCH_ERROR.fullmatch(error) for error in stray)
+    stray = [error for error in stray if not _harmless(error)]
+    if stray:
+        own_ids = [i for i, jid in enumerate(ids) if jid is None and verdicts[i] is None]
+        if pinned and len(own_ids) >= len(stray):
+            # Ids Jitsu made up: about events without a string messageId, not known which.
+            suspects = own_ids
+        else:
+            suspects = [i for i in range(count) if verdicts[i] is None]
+        unsure = EventVerdict(EventFate.RETRY, f"upstream's error names no event: {stray[0]}")
+        for index in suspects:
+            verdicts[index] = unsure
+    return tuple(v or ACCEPTED for v in verdicts)
+
+
+def _harmless(error: str) -> bool:
+    match = _BATCH_ERROR.fullmatch(error)
+    return match is not None and classify_event_error(match[2]) is EventFate.ACCEPTED
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

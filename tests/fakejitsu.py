@@ -7,8 +7,10 @@ import collections
 import dataclasses
 import functools
 import json
+import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +28,8 @@ class Received:
     status: int = 0
     # Every query pair as sent, repeats included (`query` keeps the first of each name).
     query_pairs: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # messageIds of a batch's events that its per-event answer named as not taken.
+    not_taken: set[Any] = dataclasses.field(default_factory=set)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -66,6 +70,14 @@ def lost_ack() -> Answer:
 
 # Given the request, an Answer to fail it with, or None to answer normally.
 Fault = Callable[[Received], Answer | None]
+# Given a batch event's messageId, Jitsu's public error for that event, or None to take it.
+EventError = Callable[[Any], str | None]
+
+# Jitsu's messageId clean-up for its batch answer (ingest/router.go messageIdUnsupportedChars,
+# ShortenString 64), written here apart from the proxy's own so that a test compares the two.
+_UNSUPPORTED = re.compile(r"[^a-zA-Z0-9._-]")
+NO_DESTINATIONS = "no destinations found for stream"
+NGINX_413 = "<html><head><title>413 Request Entity Too Large</title></head></html>"
 
 
 # Stands in for jitsu-js's p.js: what matters is the hard-coded event path.
@@ -88,13 +100,21 @@ class FakeJitsu:
     """`script` answers the next requests in order; `fault` may then fail any request;
     `reject` answers 400 for chosen messageIds; `hang` never answers. Everything else gets
     200 {"ok": true}. A request whose sender went away before the answer (hang, timeout, kill)
-    is recorded with status 0: it was not delivered."""
+    is recorded with status 0: it was not delivered.
+
+    `event_error` answers a batch event by event as Jitsu's batch handler does (200 with
+    `errors` for the events it names); `max_batch_events` / `max_body_bytes` make an ingress in
+    front of it answer 413 to larger requests."""
 
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.script: collections.deque[Answer] = collections.deque()
         self.fault: Fault | None = None
         self.reject: set[str] = set()
+        self.event_error: EventError | None = None
+        self.event_delay_s = 0.0  # how long a per-event answer takes
+        self.max_batch_events: int | None = None
+        self.max_body_bytes: int | None = None
         self.hang = False
         # messageIds of every 2xx-recorded request, kept as they arrive (cheap to wait on).
         self.delivered_set: set[str] = set()
@@ -223,7 +243,7 @@ class FakeJitsu:
         rec.status = status
         if 200 <= status < 300:
             try:
-                self.delivered_set.update(rec.message_ids)
+                self.delivered_set.update(set(rec.message_ids) - rec.not_taken)
             except (ValueError, AttributeError, TypeError):  # not JSON, or odd messageIds
                 pass
         async with self._changed:
@@ -233,6 +253,9 @@ class FakeJitsu:
     def _choose(self, rec: Received) -> Answer:
         if self.script:
             return self.script.popleft()
+        too_many = self.max_batch_events is not None and len(_batch(rec)) > self.max_batch_events
+        if too_many or (self.max_body_bytes is not None and len(rec.body) > self.max_body_bytes):
+            return Answer(413, text=NGINX_413, content_type="text/html")
         if self.fault is not None:
             answer = self.fault(rec)
             if answer is not None:
@@ -244,7 +267,39 @@ class FakeJitsu:
                 ids = set()
             if ids & self.reject:
                 return Answer(400, {"error": "event error: rejected by test"})
+        if self.event_error is not None and _batch(rec):
+            return self._per_event(rec, self.event_error)
         return Answer()
+
+    def _per_event(self, rec: Received, event_error: EventError) -> Answer:
+        """Jitsu's batch answer (router_batch_handler.go): every event is tried; an error is
+        listed under the id Jitsu gives the event; "no destinations" is listed but not a
+        failure for the sender."""
+        batch = _batch(rec)
+        errors = []
+        ok = 0
+        for event in batch:
+            mid = event.get("messageId") if isinstance(event, dict) else None
+            if isinstance(mid, str) and mid:
+                jid = _UNSUPPORTED.sub("_", mid)[:64]
+            else:
+                jid = str(uuid.uuid4())
+            error = event_error(mid)
+            if error is None:
+                ok += 1
+                continue
+            errors.append(f"Message ID: {jid}: {error}")
+            if not error.startswith(NO_DESTINATIONS) and isinstance(mid, Hashable):
+                rec.not_taken.add(mid)
+        body: dict[str, Any] = {"ok": not errors, "receivedEvents": len(batch), "okEvents": ok}
+        if errors:
+            body["errors"] = errors
+        return Answer(200, body, delay_s=self.event_delay_s)
+
+    def taken_ids(self) -> list[str]:
+        """messageIds of every event upstream took, in order, repeats included: as
+        delivered_ids(), without the events a per-event answer named as not taken."""
+        return [mid for r in self.delivered for mid in r.message_ids if mid not in r.not_taken]
 
     @property
     def delivered(self) -> list[Received]:
@@ -263,6 +318,16 @@ class FakeJitsu:
     async def wait_delivered(self, count: int, timeout: float = 10) -> list[Received]:
         await self.wait_for(lambda f: len(f.delivered) >= count, timeout)
         return self.delivered
+
+
+def _batch(rec: Received) -> list[Any]:
+    """The events of a batch request, [] for anything else."""
+    try:
+        payload = rec.json()
+    except ValueError:
+        return []
+    batch = payload.get("batch") if isinstance(payload, dict) else None
+    return batch if isinstance(batch, list) else []
 
 
 def _connected(request: web.Request) -> bool:

@@ -14,11 +14,12 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from proxy.envelope import Envelope
-from tests.fakejitsu import Answer, FakeJitsu
+from tests.fakejitsu import Answer, FakeJitsu, Received
 from tests.test_forwarding import KEY, _until, state
 from tests.test_hostile_upstream import metric
 
 HEADERS = {"X-Write-Key": KEY, "Content-Type": "application/json"}
+LONG = "E" * 50_000
 
 
 async def test_gzip_members_are_capped(proxy: TestClient[Any, Any], upstream: FakeJitsu) -> None:
@@ -244,7 +245,12 @@ async def test_dead_letter_reasons_count_against_their_bound(
     """An upstream answering with long error lists once filled 291 MB of disk under a
     200 KB dead-letter bound: reasons were neither cut nor counted."""
     proxy = await make_proxy(buffer={"max_dead_letter_bytes": 30_000})
-    upstream.fault = lambda _rec: Answer(200, {"ok": True, "errors": ["E" * 50_000] * 20})
+
+    def refuse_at_length(rec: Received) -> Answer:
+        (mid,) = rec.message_ids
+        return Answer(200, {"ok": False, "errors": [f"Message ID: {mid}: event error: {LONG}"]})
+
+    upstream.fault = refuse_at_length
     for i in range(40):
         resp = await proxy.post(
             "/v1/batch", json={"batch": [{"type": "page", "messageId": f"r{i}"}]}, headers=HEADERS

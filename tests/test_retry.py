@@ -82,11 +82,13 @@ def test_classify_status(status: int, outcome: Outcome) -> None:
         (200, b'{"destinations":[],"ok":true}', None),
         (200, b'{"ok":true,"error":"ignored when ok is true"}', None),
         (200, b'{"error":""}', None),
+        # Jitsu took it: the stream just has no destinations (issue 8).
+        (200, b'{"error":"no destinations found for stream: s1"}{"ok":true}', None),
         # Jitsu's classic handler: gin appends {"ok":true} to its refusal of an event.
         (
             200,
-            b'{"error":"no destinations found for stream: s1"}{"ok":true}',
-            "no destinations found for stream: s1",
+            b'{"error":"event error: quota exceeded"}{"ok":true}',
+            "event error: quota exceeded",
         ),
         (200, b'{"ok":true}\n{"ok":true}', None),
         (200, b'{"error":"x"} trailing', None),
@@ -312,7 +314,11 @@ def test_parsed_retry_after_feeds_the_backoff() -> None:
         ("POST", 404, b'{"error":"not found"}', None, Outcome.RETRY),
         ("POST", 404, b"default backend - 404", None, Outcome.RETRY),
         ("POST", 405, b'{"error":"method"}', None, Outcome.RETRY),
-        ("POST", 413, b"<html>413 Request Entity Too Large</html>", None, Outcome.RETRY),
+        # Too large is too large, whoever says so: a batch is split, one event dead-lettered.
+        ("POST", 413, b"<html>413 Request Entity Too Large</html>", None, Outcome.REJECTED),
+        ("POST", 413, b'{"error":"too big"}', None, Outcome.REJECTED),
+        # A stream without destinations: Jitsu took the event and did what it does with it.
+        ("POST", 200, b'{"error":"no destinations found for stream: s1"}', None, Outcome.DELIVERED),
         ("POST", 400, b'{"error":""}', None, Outcome.RETRY),
         ("POST", 400, b'{"error":{"x":1}}', None, Outcome.RETRY),
         ("POST", 301, b"", None, Outcome.RETRY),
@@ -320,6 +326,7 @@ def test_parsed_retry_after_feeds_the_backoff() -> None:
         ("POST", 503, b'{"error":"producer error"}', None, Outcome.RETRY),
         ("GET", 200, b"GIF89a", None, Outcome.DELIVERED),
         ("GET", 200, b"GIF89a", "stream not found", Outcome.REJECTED),
+        ("GET", 200, b"GIF89a", "no destinations found for stream: s1", Outcome.DELIVERED),
         ("GET", 404, b"", None, Outcome.RETRY),
         ("GET", 302, b"", None, Outcome.RETRY),
     ],
