@@ -20,7 +20,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from proxy.auth import WriteKey, mask_key
 from proxy.config import LimitsConfig
@@ -580,6 +580,23 @@ def pixel_event(query: Mapping[str, str], path_type: str) -> dict[str, Any]:
         node[leaf] = value
     _validate_event(event, resolve_type(path_type))
     return event
+
+
+def pixel_destination(path: str) -> str | None:
+    """Where Jitsu's pixel sends the visitor after taking the event of this (forwarded) pixel
+    request: `destination_url` of the query, else of the event in `data` (extractRedirectUrl,
+    which reads the first value of a parameter)."""
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(urlsplit(path).query, keep_blank_values=True):
+        query.setdefault(name, value)
+    if "destination_url" in query:
+        return query["destination_url"] or None
+    try:
+        event = json.loads(base64.b64decode(query.get("data", ""), validate=True))
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    destination = event.get("destination_url") if isinstance(event, dict) else None
+    return destination if isinstance(destination, str) and destination else None
 
 
 def mask_pixel_key(query: dict[str, str], event: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ Jitsu reference: research notes §3.2 (content type, gzip, sizes), §3.5 (event 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import uuid
@@ -30,6 +31,7 @@ from proxy.envelope import (
     forward_path,
     parse_batch_payload,
     parse_single,
+    pixel_destination,
     resolve_type,
 )
 from proxy.errors import IngestError
@@ -682,3 +684,26 @@ def test_an_event_too_deep_to_write_out_is_its_own_error_not_a_crash() -> None:
     result = filter_batch(payload, BIG)
     assert result.ok_events == 1
     assert result.errors == ["Message ID: deep: error parsing message: JSON nested too deeply"]
+
+
+@pytest.mark.parametrize(
+    ("path", "destination"),
+    [
+        ("/api/px/page?destination_url=https%3A%2F%2Fa.example%2Fx&data=", "https://a.example/x"),
+        (
+            "/api/px/page?data="
+            + base64.b64encode(b'{"destination_url":"https://b.example/"}').decode(),
+            "https://b.example/",
+        ),
+        ("/api/px/page?destination_url=&data=e30%3D", None),
+        (
+            "/api/px/page?destination_url=https%3A%2F%2Fc.example&destination_url=x",
+            "https://c.example",
+        ),
+        ("/api/px/page?data=%%%", None),
+        ("/api/px/page?data=WzFd", None),
+        ("/api/px/page", None),
+    ],
+)
+def test_pixel_destination_is_where_jitsu_redirects(path: str, destination: str | None) -> None:
+    assert pixel_destination(path) == destination
