@@ -37,6 +37,8 @@ TYPE_ALIASES = {
     "e": "event",
 }
 MAX_EVENT_NAME = 128
+# Of a refused event name, the answer repeats this many characters.
+MAX_SHOWN_NAME = 1024
 
 # Request headers Jitsu reads (research notes §3.4) that we pass through unchanged.
 PASSTHROUGH_HEADERS = ("User-Agent", "Accept-Language", "X-IP-Policy", "Origin", "Referer")
@@ -192,26 +194,31 @@ def resolve_type(path_type: str) -> str:
 def _validate_event(
     event: dict[str, Any], fixed_type: str, default_name: str | None = None
 ) -> None:
-    """Jitsu's patchEvent checks: the path type wins unless it is `event`."""
+    """Jitsu's patchEvent checks, with its words: the path type wins unless it is `event`; a
+    `type` or `event` that is not a string counts as absent (OrderedMap.GetS)."""
     if fixed_type == "event":
-        body_type = event.get("type")
+        body_type = _string(event.get("type"))
         if not body_type:
             raise IngestError("event error: type property of event is required")
-        fixed_type = str(body_type)
+        fixed_type = body_type
     if fixed_type not in EVENT_TYPES:
         raise IngestError(f"event error: Unknown event type: {fixed_type}")
     if fixed_type == "track":
-        name = event.get("event") or default_name
+        name = _string(event.get("event")) or default_name
         if not name:
             raise IngestError("event error: 'event' property is required for 'track' event")
-        if not isinstance(name, str):
-            raise IngestError("event error: 'event' property must be a string")
         # Go's len() counts bytes, and Jitsu checks with it.
-        size = len(name.encode("utf-8", "surrogatepass"))
-        if size > MAX_EVENT_NAME:
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_EVENT_NAME:
+            # Jitsu repeats the name whole; cut here, so that a batch answer stays small.
+            shown = name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "…"
             raise IngestError(
-                f"event error: 'event' property is too long: {size} > {MAX_EVENT_NAME}"
+                f"event error: Invalid track event name '{shown}'. "
+                f"Max length is {MAX_EVENT_NAME} characters."
             )
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def accepted_at(now: float | None = None) -> str:

@@ -281,17 +281,24 @@ def test_resolve_type(alias: str, full: str) -> None:
         ("track", {"event": None}, "event error: 'event' property is required for 'track' event"),
         # The path type wins over the body type (Jitsu: ev.Set("type", typeFixed)).
         ("track", {"type": "page"}, "event error: 'event' property is required for 'track' event"),
-        ("track", {"event": 123}, "event error: 'event' property must be a string"),
-        ("track", {"event": ["a"]}, "event error: 'event' property must be a string"),
+        # Not a string: absent for Jitsu (GetS).
+        ("track", {"event": 123}, "event error: 'event' property is required for 'track' event"),
+        ("track", {"event": ["a"]}, "event error: 'event' property is required for 'track' event"),
+        ("event", {"type": 5}, "event error: type property of event is required"),
         (
             "track",
             {"event": "x" * (MAX_EVENT_NAME + 1)},
-            "event error: 'event' property is too long: 129 > 128",
+            f"event error: Invalid track event name '{'x' * 129}'. Max length is 128 characters.",
         ),
         (
             "event",
             {"type": "track", "event": "y" * 300},
-            "event error: 'event' property is too long: 300 > 128",
+            f"event error: Invalid track event name '{'y' * 300}'. Max length is 128 characters.",
+        ),
+        (
+            "track",
+            {"event": "z" * 2000},
+            f"event error: Invalid track event name '{'z' * 1024}…'. Max length is 128 characters.",
         ),
     ],
 )
@@ -455,7 +462,8 @@ def test_filter_batch_keeps_good_events_and_reports_bad_ones() -> None:
         "Message ID: m2: event error: 'event' property is required for 'track' event",
         "Event #2: error parsing message: event must be a JSON object",
         "Message ID: m4: event error: Unknown event type: nope",
-        "Message ID: m6: event error: 'event' property is too long: 129 > 128",
+        f"Message ID: m6: event error: Invalid track event name '{'e' * 129}'. Max length is 128"
+        " characters.",
     ]
     assert result.received == 6
     assert result.ok_events == 2
@@ -508,7 +516,10 @@ def test_filter_batch_events_name_forces_track() -> None:
     result = filter_batch(payload, BIG)
 
     assert [e["messageId"] for e in result.payload["batch"]] == ["a", "b", "c"]
-    assert result.errors == ["Message ID: d: event error: 'event' property is too long: 129 > 128"]
+    assert result.errors == [
+        f"Message ID: d: event error: Invalid track event name '{'z' * 129}'. Max length is 128"
+        " characters."
+    ]
     assert result.payload["eventsName"] == "signup"
 
 
