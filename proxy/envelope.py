@@ -230,8 +230,9 @@ def accepted_at(now: float | None = None) -> str:
 def ensure_timestamp(event: dict[str, Any], stamp: str | None) -> None:
     """Jitsu sets `timestamp` to when it received an event that has none; behind the proxy
     that would be the time of delivery, hours late after an outage. The edge passes the time
-    of acceptance (`stamp`) instead. A client's own timestamp is never changed (issue 8)."""
-    if stamp is not None and event.get("timestamp") is None:
+    of acceptance (`stamp`) instead. A client's own timestamp is never changed (issue 8), null
+    included: Jitsu keeps that too (patchEvent: SetIfAbsent)."""
+    if stamp is not None and "timestamp" not in event:
         event["timestamp"] = stamp
 
 

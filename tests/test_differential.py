@@ -292,9 +292,10 @@ INTENDED: dict[str, Intended] = {
         lambda d, p, pair: _within(d, pair.direct) and _within(p, pair.proxied),
     ),
     "httpPayload.messageId": Intended(
-        "An event without a messageId gets a new one on each side; the proxy's is given at the "
-        "edge, so that every resend carries the same one and deduplicates",
-        lambda d, p, pair: _uuid(d) and _uuid(p),
+        "An event without a messageId (none, null or empty) gets a new one at the edge, so that "
+        "every resend carries the same one and deduplicates; Jitsu gives one only to an event "
+        "that has none, and uses a new one of its own for the others",
+        lambda d, p, pair: (_uuid(d) or d in (None, "")) and _uuid(p),
     ),
     "messageId": Intended("(the ingest message's id is the event's messageId)", lambda *_: True),
     "httpHeaders.Cookie": Intended(
@@ -564,6 +565,21 @@ async def test_s2s_event_with_the_key_anywhere(start: Start, where: str) -> None
         params=params,
     )
     assert pair.direct.status == 200 and len(pair.direct.stored) == 1
+    assert_same(pair)
+
+
+async def test_null_timestamp_and_message_id(start: Start) -> None:
+    """Jitsu sets timestamp and messageId only where the event has none (SetIfAbsent): a null
+    timestamp is the client's and stays; a null messageId gets the edge's id (INTENDED)."""
+    diff = await start()
+    pair = await diff.both(
+        "POST",
+        "/api/s/s2s/track",
+        Facts(key=SITE_S2S),
+        json={"event": "e", "timestamp": None, "messageId": None},
+        headers={"X-Write-Key": SITE_S2S.value},
+    )
+    assert pair.direct.stored[0].payload["timestamp"] is None
     assert_same(pair)
 
 

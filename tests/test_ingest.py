@@ -359,7 +359,7 @@ async def test_events_without_a_timestamp_get_the_time_of_acceptance(
 ) -> None:
     """Jitsu stamps an event that has none when it receives it: after an outage that would be
     the time of delivery, hours late. The edge stamps it when it accepts it; a client's own
-    timestamp is never changed."""
+    timestamp is never changed, null included (Jitsu keeps that too: SetIfAbsent)."""
     await upstream.stop()
     before = datetime.datetime.now(datetime.UTC)
     headers = {"X-Write-Key": KEY}
@@ -367,6 +367,7 @@ async def test_events_without_a_timestamp_get_the_time_of_acceptance(
         ("/api/s/s2s/track", {"event": "e", "messageId": "s1"}),
         ("/api/s/track", {"event": "e", "messageId": "s2", "timestamp": "2020-01-02T03:04:05Z"}),
         ("/v1/batch", {"batch": [{"type": "page", "messageId": "s3"}]}),
+        ("/api/s/s2s/track", {"event": "e", "messageId": "s5", "timestamp": None}),
     ):
         assert (await proxy.post(path, json=body, headers=headers)).status == 200
     pixel = await proxy.get(
@@ -376,7 +377,7 @@ async def test_events_without_a_timestamp_get_the_time_of_acceptance(
     after = datetime.datetime.now(datetime.UTC)
     await asyncio.sleep(1.2)  # an outage: delivery comes later than acceptance
     await upstream.start()
-    await upstream.wait_for(lambda f: len(f.delivered) >= 4, timeout=15)
+    await upstream.wait_for(lambda f: len(f.delivered) >= 5, timeout=15)
     stamps = {}
     for rec in upstream.delivered:
         if rec.method == "GET":
@@ -386,6 +387,7 @@ async def test_events_without_a_timestamp_get_the_time_of_acceptance(
         for event in payload.get("batch", [payload]):
             stamps[event["messageId"]] = event["timestamp"]
     assert stamps["s2"] == "2020-01-02T03:04:05Z"
+    assert stamps["s5"] is None
     for mid in ("s1", "s3", "s4"):
         stamp = stamps[mid]
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
