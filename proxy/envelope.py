@@ -92,8 +92,10 @@ class BatchResult:
 
 
 def check_content_type(content_type: str) -> None:
-    """Jitsu accepts a media type ending in application/json or text/plain (beacons)."""
-    media = content_type.split(";", 1)[0].strip().lower()
+    """Jitsu accepts a media type ending in application/json or text/plain (beacons), compared
+    as sent, case and all (gin's ContentType and strings.HasSuffix): what Jitsu would refuse
+    is refused here, not after the 2xx."""
+    media = content_type.split(";", 1)[0].strip()
     if not media.endswith(("application/json", "text/plain")):
         raise IngestError(
             f"invalid content type: {media or '(none)'}. Expected: application/json",

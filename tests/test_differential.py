@@ -653,6 +653,24 @@ async def test_refused_event_is_answered_as_jitsu_answers(
     assert_same(pair)
 
 
+@pytest.mark.parametrize("content_type", ["text/html", "Application/JSON"])
+@pytest.mark.parametrize("path", ["/api/s/page", "/api/s/s2s/page", "/v1/batch"])
+async def test_content_type(start: Start, content_type: str, path: str) -> None:
+    """Jitsu takes a media type ending in application/json or text/plain, as sent, case and
+    all (gin's ContentType and strings.HasSuffix), and answers 400 to others on every route
+    (text/plain: test_beacon_content_type_reaches_jitsu)."""
+    diff = await start()
+    pair = await diff.both(
+        "POST",
+        path,
+        Facts(key=SITE_BROWSER),
+        data=json.dumps({"batch": [{"type": "page"}]} if path == "/v1/batch" else {}),
+        headers={"X-Write-Key": SITE_BROWSER.value, "Content-Type": content_type},
+    )
+    assert pair.direct.status == 400
+    assert_same(pair)
+
+
 # ---- batches -------------------------------------------------------------------------------
 
 BATCH = {

@@ -65,7 +65,6 @@ def is_uuid4(value: str) -> bool:
         "application/json;charset=UTF-8",
         "text/plain",
         "text/plain;charset=UTF-8",  # navigator.sendBeacon(url, string)
-        "Application/JSON",
         "  application/json  ",
         # Jitsu checks strings.HasSuffix(c.ContentType(), "application/json").
         "x-application/json",
@@ -90,6 +89,9 @@ def test_content_type_accepted(content_type: str) -> None:
         # "+json" does not end with "application/json": Jitsu's HasSuffix refuses it too.
         ("application/vnd.api+json", "application/vnd.api+json"),
         ("application/json-patch+json", "application/json-patch+json"),
+        # Jitsu compares as sent: its own refusal, so refused here before the 2xx.
+        ("Application/JSON", "Application/JSON"),
+        ("TEXT/PLAIN; charset=utf-8", "TEXT/PLAIN"),
     ],
 )
 def test_content_type_refused(content_type: str, shown: str) -> None:
