@@ -317,9 +317,10 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         ),
         trace_configs=[forwarder.trace_config()],
         # The client's User-Agent goes upstream, or none: Jitsu stores it with the event, and
-        # aiohttp's own ("Python/3.11 aiohttp/...") is no visitor's (issue 8). Accept too: the
-        # client's, or none, as Jitsu would have seen the request (ctx.headers).
-        skip_auto_headers=[hdrs.USER_AGENT, hdrs.ACCEPT],
+        # aiohttp's own ("Python/3.11 aiohttp/...") is no visitor's (issue 8). Jitsu keeps every
+        # request header for functions (router.go buildIngestMessage): aiohttp's Accept and
+        # Accept-Encoding would be stored there too, as if the visitor had sent them.
+        skip_auto_headers=[hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING],
     ) as session:
         state.forwarder = forwarder
         forwarder.start(session)

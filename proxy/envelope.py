@@ -21,7 +21,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from proxy.auth import WriteKey, mask_key
 from proxy.config import LimitsConfig
@@ -38,6 +38,8 @@ TYPE_ALIASES = {
     "e": "event",
 }
 MAX_EVENT_NAME = 128
+# Of a refused event name, the answer repeats this many characters.
+MAX_SHOWN_NAME = 1024
 
 # What a stored row costs besides its fields (SQLite record and index overhead, roughly), so
 # that a flood of tiny rows is counted against buffer.max_bytes too.
@@ -89,8 +91,10 @@ class BatchResult:
 
 
 def check_content_type(content_type: str) -> None:
-    """Jitsu accepts a media type ending in application/json or text/plain (beacons)."""
-    media = content_type.split(";", 1)[0].strip().lower()
+    """Jitsu accepts a media type ending in application/json or text/plain (beacons), compared
+    as sent, case and all (gin's ContentType and strings.HasSuffix): what Jitsu would refuse
+    is refused here, not after the 2xx."""
+    media = content_type.split(";", 1)[0].strip()
     if not media.endswith(("application/json", "text/plain")):
         raise IngestError(
             f"invalid content type: {media or '(none)'}. Expected: application/json",
@@ -198,27 +202,31 @@ def resolve_type(path_type: str) -> str:
 def _validate_event(
     event: dict[str, Any], fixed_type: str, default_name: str | None = None
 ) -> None:
-    """Jitsu's patchEvent checks: the path type wins unless it is `event`."""
+    """Jitsu's patchEvent checks, with its words: the path type wins unless it is `event`; a
+    `type` or `event` that is not a string counts as absent (OrderedMap.GetS)."""
     if fixed_type == "event":
-        # GetS: a type that is no string (a repeated pixel parameter's array) is none.
-        body_type = event.get("type")
-        if not body_type or not isinstance(body_type, str):
+        body_type = _string(event.get("type"))
+        if not body_type:
             raise IngestError("event error: type property of event is required")
         fixed_type = body_type
     if fixed_type not in EVENT_TYPES:
         raise IngestError(f"event error: Unknown event type: {fixed_type}")
     if fixed_type == "track":
-        name = event.get("event") or default_name
+        name = _string(event.get("event")) or default_name
         if not name:
             raise IngestError("event error: 'event' property is required for 'track' event")
-        if not isinstance(name, str):
-            raise IngestError("event error: 'event' property must be a string")
         # Go's len() counts bytes, and Jitsu checks with it.
-        size = len(name.encode("utf-8", "surrogatepass"))
-        if size > MAX_EVENT_NAME:
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_EVENT_NAME:
+            # Jitsu repeats the name whole; cut here, so that a batch answer stays small.
+            shown = name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "…"
             raise IngestError(
-                f"event error: 'event' property is too long: {size} > {MAX_EVENT_NAME}"
+                f"event error: Invalid track event name '{shown}'. "
+                f"Max length is {MAX_EVENT_NAME} characters."
             )
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def accepted_at(now: float | None = None) -> str:
@@ -230,8 +238,9 @@ def accepted_at(now: float | None = None) -> str:
 def ensure_timestamp(event: dict[str, Any], stamp: str | None) -> None:
     """Jitsu sets `timestamp` to when it received an event that has none; behind the proxy
     that would be the time of delivery, hours late after an outage. The edge passes the time
-    of acceptance (`stamp`) instead. A client's own timestamp is never changed (issue 8)."""
-    if stamp is not None and event.get("timestamp") is None:
+    of acceptance (`stamp`) instead. A client's own timestamp is never changed (issue 8), null
+    included: Jitsu keeps that too (patchEvent: SetIfAbsent)."""
+    if stamp is not None and "timestamp" not in event:
         event["timestamp"] = stamp
 
 
@@ -715,6 +724,23 @@ def _set_path(event: dict[str, Any], path: str, value: Any) -> None:
             return
         node = child
     node[leaf] = value
+
+
+def pixel_destination(path: str) -> str | None:
+    """Where Jitsu's pixel sends the visitor after taking the event of this (forwarded) pixel
+    request: `destination_url` of the query, else of the event in `data` (extractRedirectUrl,
+    which reads the first value of a parameter)."""
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(urlsplit(path).query, keep_blank_values=True):
+        query.setdefault(name, value)
+    if "destination_url" in query:
+        return query["destination_url"] or None
+    try:
+        event = json.loads(base64.b64decode(query.get("data", ""), validate=True))
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    destination = event.get("destination_url") if isinstance(event, dict) else None
+    return destination if isinstance(destination, str) and destination else None
 
 
 def mask_pixel_key(query: PixelQuery, event: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ from aiohttp_retry import ExponentialRetry, RetryClient
 from proxy.auth import redact
 from proxy.buffer import Buffer, Piece, Row, RowSettlement
 from proxy.config import UpstreamConfig
-from proxy.envelope import StoredBatch, read_stored_batch
+from proxy.envelope import StoredBatch, pixel_destination, read_stored_batch
 from proxy.errors import BufferError_
 from proxy.metrics import Metrics
 from proxy.refusals import STREAM_NOT_FOUND, KeyRefusals, fingerprint, route_kind
@@ -667,7 +667,14 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             reason = redact(f"transport error: {type(exc).__name__}: {exc}", key)
             return Attempt(Outcome.RETRY, None, reason)
-        outcome, reason = classify_answer(row.method, status, body, jitsu_error, whole=whole)
+        outcome, reason = classify_answer(
+            row.method,
+            status,
+            body,
+            jitsu_error,
+            whole=whole,
+            to_destination=location is not None and location == pixel_destination(row.path),
+        )
         reason = redact(reason, key)
         if outcome is Outcome.RETRY:
             return Attempt(

@@ -55,12 +55,12 @@ PROXY_SET = frozenset(
         "x-forwarded-proto",
     }
 )
-# The answer's encoding is negotiated by aiohttp's client, which lists only what it can decode
-# (gzip, deflate; br with Brotli installed). A browser's `br, zstd` could bring back an answer
-# (from a CDN in front of Jitsu) that the forwarder cannot read; Jitsu itself only ever gzips
+NOT_FORWARDED = HOP_BY_HOP | BODY_HEADERS | CREDENTIALS | PROXY_SET
+# The client's Accept-Encoding goes upstream (Jitsu keeps it for functions) with only the
+# codings the forwarder can read: a browser's `br, zstd` could bring back an answer (from a CDN
+# in front of Jitsu) that it cannot decode. Jitsu itself only ever gzips
 # (jitsubase/appbase/router_base.go ShouldCompress).
-NEGOTIATED = frozenset({"accept-encoding"})
-NOT_FORWARDED = HOP_BY_HOP | BODY_HEADERS | CREDENTIALS | PROXY_SET | NEGOTIATED
+READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 
 # Go's server reads at most MaxHeaderBytes (1 MiB) of header lines, plus 4 KiB of slack for the
 # request line, and answers 431 beyond. Headers the proxy would send past that could never be
@@ -114,7 +114,12 @@ def forward_headers(
         if lowered not in skip:
             # Jitsu keeps a repeated header as its values joined by "," (ingest/router.go
             # buildIngestMessage): one line holding exactly that is what it then stores.
-            headers[name] = header_text(",".join(values))
+            value = ",".join(values)
+            if lowered == "accept-encoding":
+                value = readable_codings(value)
+                if not value:
+                    continue
+            headers[name] = header_text(value)
     if origin is not None:
         if origin.host and "x-forwarded-host" not in drop:
             headers["X-Forwarded-Host"] = header_text(origin.host)
@@ -129,6 +134,16 @@ def forward_headers(
         headers["X-IP-Policy"] = "remove"
     _check_size(headers)
     return headers
+
+
+def readable_codings(accept_encoding: str) -> str:
+    """An Accept-Encoding with only the codings (q-values kept) the forwarder can decode."""
+    kept = [
+        token.strip()
+        for token in accept_encoding.split(",")
+        if token.split(";", 1)[0].strip().lower() in READABLE_CODINGS
+    ]
+    return ", ".join(kept)
 
 
 def _content_type(value: str | None) -> str:

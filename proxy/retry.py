@@ -52,10 +52,21 @@ def classify_status(status: int) -> Outcome:
 
 
 def classify_answer(
-    method: str, status: int, body: bytes, jitsu_error: str | None = None, *, whole: bool = True
+    method: str,
+    status: int,
+    body: bytes,
+    jitsu_error: str | None = None,
+    *,
+    whole: bool = True,
+    to_destination: bool = False,
 ) -> tuple[Outcome, str]:
     """The outcome of an upstream answer, with its reason (for the log and the dead letter).
-    `whole` is false when only the start of a (very large) body was read."""
+    `whole` is false when only the start of a (very large) body was read; `to_destination`
+    says that a redirect points where the pixel's event asks Jitsu to send the visitor."""
+    if method == "GET" and status == 302 and to_destination:
+        # Jitsu's pixel redirects to destination_url once it took the event
+        # (router_pixel_handler.go): delivered, not a wrong upstream.url.
+        return Outcome.DELIVERED, "ok"
     outcome = classify_status(status)
     if outcome is Outcome.RETRY:
         if 300 <= status < 400:

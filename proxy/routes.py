@@ -436,7 +436,7 @@ async def pixel(request: web.Request) -> web.Response:
         env.mask_pixel_key(query, event)
         if not event.get("messageId"):
             query["messageId"] = [str(uuid.uuid4())]
-        if event.get("timestamp") is None:
+        if "timestamp" not in event:
             # When the proxy took it, not when Jitsu gets it (hours later after an outage).
             query["timestamp"] = [env.accepted_at()]
         jar = cookies.read_cookies(request.headers.get(hdrs.COOKIE, ""))

@@ -7,6 +7,7 @@ Jitsu reference: research notes §3.2 (content type, gzip, sizes), §3.5 (event 
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import uuid
@@ -29,6 +30,7 @@ from proxy.envelope import (
     forward_path,
     parse_batch_payload,
     parse_single,
+    pixel_destination,
     resolve_type,
 )
 from proxy.errors import IngestError
@@ -62,7 +64,6 @@ def is_uuid4(value: str) -> bool:
         "application/json;charset=UTF-8",
         "text/plain",
         "text/plain;charset=UTF-8",  # navigator.sendBeacon(url, string)
-        "Application/JSON",
         "  application/json  ",
         # Jitsu checks strings.HasSuffix(c.ContentType(), "application/json").
         "x-application/json",
@@ -87,6 +88,9 @@ def test_content_type_accepted(content_type: str) -> None:
         # "+json" does not end with "application/json": Jitsu's HasSuffix refuses it too.
         ("application/vnd.api+json", "application/vnd.api+json"),
         ("application/json-patch+json", "application/json-patch+json"),
+        # Jitsu compares as sent: its own refusal, so refused here before the 2xx.
+        ("Application/JSON", "Application/JSON"),
+        ("TEXT/PLAIN; charset=utf-8", "TEXT/PLAIN"),
     ],
 )
 def test_content_type_refused(content_type: str, shown: str) -> None:
@@ -278,17 +282,24 @@ def test_resolve_type(alias: str, full: str) -> None:
         ("track", {"event": None}, "event error: 'event' property is required for 'track' event"),
         # The path type wins over the body type (Jitsu: ev.Set("type", typeFixed)).
         ("track", {"type": "page"}, "event error: 'event' property is required for 'track' event"),
-        ("track", {"event": 123}, "event error: 'event' property must be a string"),
-        ("track", {"event": ["a"]}, "event error: 'event' property must be a string"),
+        # Not a string: absent for Jitsu (GetS).
+        ("track", {"event": 123}, "event error: 'event' property is required for 'track' event"),
+        ("track", {"event": ["a"]}, "event error: 'event' property is required for 'track' event"),
+        ("event", {"type": 5}, "event error: type property of event is required"),
         (
             "track",
             {"event": "x" * (MAX_EVENT_NAME + 1)},
-            "event error: 'event' property is too long: 129 > 128",
+            f"event error: Invalid track event name '{'x' * 129}'. Max length is 128 characters.",
         ),
         (
             "event",
             {"type": "track", "event": "y" * 300},
-            "event error: 'event' property is too long: 300 > 128",
+            f"event error: Invalid track event name '{'y' * 300}'. Max length is 128 characters.",
+        ),
+        (
+            "track",
+            {"event": "z" * 2000},
+            f"event error: Invalid track event name '{'z' * 1024}…'. Max length is 128 characters.",
         ),
     ],
 )
@@ -452,7 +463,8 @@ def test_filter_batch_keeps_good_events_and_reports_bad_ones() -> None:
         "Message ID: m2: event error: 'event' property is required for 'track' event",
         "Event #2: error parsing message: event must be a JSON object",
         "Message ID: m4: event error: Unknown event type: nope",
-        "Message ID: m6: event error: 'event' property is too long: 129 > 128",
+        f"Message ID: m6: event error: Invalid track event name '{'e' * 129}'. Max length is 128"
+        " characters.",
     ]
     assert result.received == 6
     assert result.ok_events == 2
@@ -505,7 +517,10 @@ def test_filter_batch_events_name_forces_track() -> None:
     result = filter_batch(payload, BIG)
 
     assert [e["messageId"] for e in result.payload["batch"]] == ["a", "b", "c"]
-    assert result.errors == ["Message ID: d: event error: 'event' property is too long: 129 > 128"]
+    assert result.errors == [
+        f"Message ID: d: event error: Invalid track event name '{'z' * 129}'. Max length is 128"
+        " characters."
+    ]
     assert result.payload["eventsName"] == "signup"
 
 
@@ -609,3 +624,26 @@ def test_an_event_too_deep_to_write_out_is_its_own_error_not_a_crash() -> None:
     result = filter_batch(payload, BIG)
     assert result.ok_events == 1
     assert result.errors == ["Message ID: deep: error parsing message: JSON nested too deeply"]
+
+
+@pytest.mark.parametrize(
+    ("path", "destination"),
+    [
+        ("/api/px/page?destination_url=https%3A%2F%2Fa.example%2Fx&data=", "https://a.example/x"),
+        (
+            "/api/px/page?data="
+            + base64.b64encode(b'{"destination_url":"https://b.example/"}').decode(),
+            "https://b.example/",
+        ),
+        ("/api/px/page?destination_url=&data=e30%3D", None),
+        (
+            "/api/px/page?destination_url=https%3A%2F%2Fc.example&destination_url=x",
+            "https://c.example",
+        ),
+        ("/api/px/page?data=%%%", None),
+        ("/api/px/page?data=WzFd", None),
+        ("/api/px/page", None),
+    ],
+)
+def test_pixel_destination_is_where_jitsu_redirects(path: str, destination: str | None) -> None:
+    assert pixel_destination(path) == destination

@@ -312,7 +312,7 @@ CONTENT_TYPES: list[tuple[str | None, bool | None]] = [
     ("application/json", True),
     ("application/json; charset=utf-8", True),
     ("text/plain;charset=UTF-8", True),
-    ("TEXT/PLAIN", True),
+    ("TEXT/PLAIN", False),  # Jitsu compares as sent (gin ContentType, strings.HasSuffix)
     ("x/application/json", True),
     ("application/x-json", False),
     ("application/json+x", False),

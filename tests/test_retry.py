@@ -337,6 +337,14 @@ def test_classify_answer_only_jitsus_verdicts_reject(
     assert classify_answer(method, status, body, jitsu_error)[0] is outcome
 
 
+def test_pixel_redirect_to_its_destination_is_delivered() -> None:
+    """Jitsu's pixel answers 302 to destination_url after taking the event; any other
+    redirect still means upstream.url is wrong."""
+    assert classify_answer("GET", 302, b"", to_destination=True) == (Outcome.DELIVERED, "ok")
+    assert classify_answer("GET", 301, b"", to_destination=True)[0] is Outcome.RETRY
+    assert classify_answer("POST", 302, b"", to_destination=True)[0] is Outcome.RETRY
+
+
 def test_classify_answer_reasons() -> None:
     assert classify_answer("POST", 308, b"")[1] == (
         "upstream answered 308 (a redirect): is upstream.url right?"
