@@ -97,8 +97,9 @@ def truthy(value: str | None) -> bool:
 
 
 def valid_destination(url: str, request_hostname: str) -> bool:
-    """Jitsu's rules for the pixel's redirect: https, default port, a name (not an IP), and
-    not the pixel's own host (no redirect loops)."""
+    """Jitsu's rules for the pixel's redirect (router_pixel_handler.go extractRedirectUrl):
+    https, no port in the URL (not even :443), a name (not an IP), and not the pixel's own
+    host (no redirect loops)."""
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         return False  # CR/LF/NUL or spaces would end up in the Location header
     try:
@@ -107,7 +108,7 @@ def valid_destination(url: str, request_hostname: str) -> bool:
     except ValueError:
         return False
     host = (parts.hostname or "").lower()
-    if parts.scheme != "https" or not host or port not in (None, 443) or _is_ip(host):
+    if parts.scheme != "https" or not host or port is not None or _is_ip(host):
         return False
     return host != request_hostname.lower()
 

@@ -109,6 +109,21 @@ async def test_pixel_redirects_to_a_valid_destination(
     await upstream.wait_delivered(2)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://shop.example:443/x",  # Jitsu wants no port at all, the default one included
+        "https://shop.example:8443/x",
+        "http://shop.example/x",
+        "https://[2001:db8::1]/x",
+        "https://localhost/x",  # the pixel's own host
+    ],
+)
+def test_destinations_jitsu_would_not_redirect_to(url: str) -> None:
+    assert not cookies.valid_destination(url, "localhost")
+    assert cookies.valid_destination("https://shop.example/x", "localhost")
+
+
 async def test_id_endpoint_sets_first_party_cookies(proxy: TestClient[Any, Any]) -> None:
     resp = await proxy.get(
         "/api/id", params={"domain": "shop.example"}, headers={"Host": "www.shop.example"}
