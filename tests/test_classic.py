@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from proxy.auth import KeySource, WriteKey, find_classic_key
 from proxy.state import APP_STATE
@@ -392,3 +393,37 @@ async def test_classic_routes_follow_routes_jitsu_paths(
     for path in (BROWSER, S2S, "/api.abc"):
         assert (await proxy.post(f"{path}?token={KEY}", json={})).status == 404
     assert (await proxy.get("/s/lib.js")).status == 404
+
+
+@pytest.mark.parametrize("raw", ["/api.x%2Fy", "/api.x%2F", "/api.%2F..%2Fv1%2Fevent"])
+async def test_a_path_jitsu_cannot_route_is_refused_not_buffered(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, raw: str
+) -> None:
+    """`/api.x%2Fy` matched /api.{ignored} here, was taken with 200 and went up as it came;
+    Jitsu decodes it to /api.x/y, has no route for it, and the 404 (or gin's 307 for a
+    trailing slash) was retried as an outage: one such request of 5,000 array items stalled
+    all delivery (attack pass). Jitsu answers 404 to it; so does the proxy, keeping nothing."""
+    url = URL(str(proxy.make_url("/")).rstrip("/") + raw + f"?token={KEY}", encoded=True)
+    resp = await proxy.session.post(url, json=[{"event_type": "x"}] * 3)
+    assert resp.status == 404
+    assert state(proxy).buffer.rows == 0
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "forwarded"),
+    [
+        ("/api.a%20b", "/api.a%20b"),  # Jitsu decodes and routes it: the same segment goes up
+        ("/api.%41bc", "/api.Abc"),
+        ("/api/v1/%65vent", "/api/v1/event"),  # a fixed route goes up under its own name
+        ("/api/v1/s2s/event/", "/api/v1/s2s/event/"),
+    ],
+)
+async def test_classic_paths_go_up_as_jitsu_routes_them(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, raw: str, forwarded: str
+) -> None:
+    url = URL(str(proxy.make_url("/")).rstrip("/") + raw + f"?token={KEY}", encoded=True)
+    resp = await proxy.session.post(url, json={"event_type": "x", "eventn_ctx_event_id": "p1"})
+    assert resp.status == 200
+    (got,) = await upstream.wait_delivered(1)
+    assert got.path == URL(forwarded, encoded=True).path
