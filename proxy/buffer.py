@@ -626,15 +626,18 @@ class Buffer:
                 conn.execute("ROLLBACK")
             return False, exc
 
-    def _fetch(self, after: int, limit: int, skip: frozenset[int] = frozenset()) -> list[Row]:
+    def _fetch(
+        self, after: int, limit: int, skip: frozenset[int] = frozenset(), newest: bool = False
+    ) -> list[Row]:
         conn = self._conn
         assert conn is not None
         columns = "seq, received_at, key_id, path, headers, body, size, events, method"
+        order = "DESC" if newest else "ASC"
         if skip:
             # Rows in flight or parked are passed over by seq alone, bodies unread.
             seqs: list[int] = []
             for (seq,) in conn.execute(
-                "SELECT seq FROM events WHERE seq > ? ORDER BY seq", (after,)
+                f"SELECT seq FROM events WHERE seq > ? ORDER BY seq {order}", (after,)
             ):
                 if seq not in skip:
                     seqs.append(seq)
@@ -644,11 +647,12 @@ class Buffer:
                 return []
             marks = ",".join("?" * len(seqs))
             cur = conn.execute(
-                f"SELECT {columns} FROM events WHERE seq IN ({marks}) ORDER BY seq", seqs
+                f"SELECT {columns} FROM events WHERE seq IN ({marks}) ORDER BY seq {order}", seqs
             )
         else:
             cur = conn.execute(
-                f"SELECT {columns} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+                f"SELECT {columns} FROM events WHERE seq > ? ORDER BY seq {order} LIMIT ?",
+                (after, limit),
             )
         rows = []
         for seq, at, key_id, path, headers, body, size, events, method in cur:
@@ -883,12 +887,20 @@ class Buffer:
             raise
         return result
 
-    async def fetch(self, after: int, limit: int, skip: frozenset[int] = frozenset()) -> list[Row]:
-        """Up to `limit` rows after seq `after`, oldest first, passing over those in `skip`."""
+    async def fetch(
+        self,
+        after: int,
+        limit: int,
+        skip: frozenset[int] = frozenset(),
+        *,
+        newest: bool = False,
+    ) -> list[Row]:
+        """Up to `limit` rows after seq `after`, oldest first (`newest`: newest first),
+        passing over those in `skip`."""
         if self._conn is None or self._executor is None:
             raise BufferClosedError("buffer is closed")
         try:
-            return await self._run(self._fetch, after, limit, skip)
+            return await self._run(self._fetch, after, limit, skip, newest)
         except sqlite3.Error as exc:
             raise BufferError_(f"buffer read failed: {exc}") from exc
 

@@ -181,6 +181,7 @@ class Forwarder:
         self.probe_seq: int | None = None
         # While failing, probes take turns over the backlog, starting after this row.
         self.probe_after = 0
+        self._probe_newest = False
         self.row_failures = RowFailures(config.retry.max_row_failures)
         # Rows taken off the head of the queue after lone failures: seq -> when to retry.
         self.parked: dict[int, float] = {}
@@ -361,14 +362,21 @@ class Forwarder:
         await asyncio.sleep(delay)
         # Parked rows are not probes: they fail alone, on backoffs of their own.
         parked = frozenset(self.parked)
-        rows = await self.buffer.fetch(self.probe_after, 1, parked) or await self.buffer.fetch(
-            0, 1, parked
+        # Every other probe is the newest row: a block of rows upstream never takes (from one
+        # client, say) must not make the others wait a backoff per row of it (attack pass).
+        self._probe_newest = not self._probe_newest
+        rows = await self.buffer.fetch(0, 1, parked, newest=True) if self._probe_newest else []
+        rows = (
+            rows
+            or await self.buffer.fetch(self.probe_after, 1, parked)
+            or await self.buffer.fetch(0, 1, parked)
         )
         if not rows:
             self.failing = False  # nothing left but suspects: no sign of an outage
             return
         row = rows[0]
-        self.probe_after = row.seq
+        if not self._probe_newest:
+            self.probe_after = row.seq
         self.probe_seq = row.seq
         task = self._launch(row, f"probe-{row.seq}")
         try:

@@ -201,3 +201,30 @@ async def test_a_large_answer_from_jitsu_is_read_whole_or_trusted(
     await _until(lambda: state(proxy).buffer.rows == 0)
     assert sum(1 for r in upstream.received if r.message_ids == ["big-ack"]) == 1
     assert not state(proxy).forwarder.failing
+
+
+async def test_a_block_of_rows_upstream_never_takes_does_not_hold_up_the_rest(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Rows that all fail together look like an outage; probes then took turns over the
+    backlog one row per backoff, so 40 such rows at its head (one client's, say) held every
+    later event for a backoff each (attack pass). Every other probe is now the newest row."""
+    proxy = await make_proxy(
+        upstream={
+            "concurrency": 40,
+            "retry": {"request_attempts": 1, "initial_backoff_s": 0.5, "max_backoff_s": 2},
+        }
+    )
+
+    def poison(rec: Received) -> Answer | None:
+        if any(m.startswith("bad") for m in rec.message_ids):
+            return Answer(404, text="404 page not found")
+        return None
+
+    upstream.fault = poison
+    await asyncio.gather(*(send(proxy, f"bad{i}") for i in range(40)))
+    await _until(lambda: state(proxy).forwarder.failing)
+    for i in range(3):
+        await send(proxy, f"good{i}")
+    # Without the newest-row probes: 40 poison probes at 0.5-2 s each before any good one.
+    await upstream.wait_for(lambda f: {"good0", "good1", "good2"} <= f.delivered_set, timeout=10)
