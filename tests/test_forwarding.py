@@ -156,10 +156,12 @@ async def test_only_one_probe_in_flight_while_upstream_fails(
     assert len(upstream.received) - probes_before >= 5
     assert upstream.max_in_flight == 1
     # Every later failure is a probe, and probes take turns over the backlog (so that one
-    # row that always fails cannot pass for an outage): consecutive probes, oldest first.
+    # row that always fails cannot pass for an outage): consecutive probes, oldest first,
+    # every other one the newest row (so that a block of such rows cannot either).
     probed = [int(r.message_ids[0][1:]) for r in upstream.received[probes_before:]]
     turns = [n for i, n in enumerate(probed) if i == 0 or probed[i - 1] != n]
-    assert turns == sorted(turns) and len(turns) >= 2, probed
+    rotation = [n for n in turns if n != 29]
+    assert 29 in turns and rotation == sorted(rotation) and len(rotation) >= 2, probed
     # Healthy again: the backlog drains with the configured concurrency.
     upstream.max_in_flight = 0
     await upstream.wait_for(lambda f: len(set(f.delivered_ids())) == 30, timeout=15)
