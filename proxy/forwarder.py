@@ -279,7 +279,9 @@ class Forwarder:
                 await asyncio.sleep(1.0)
 
     async def _dispatch(self) -> None:
-        free = self.config.concurrency - self.sending
+        # Rows sent at once for waiting browsers come on top (sync_max_in_flight): they must
+        # not take the backlog's slots (attack pass: s2s rows starved under browser load).
+        free = self.config.concurrency - (self.sending - self.sync_sending)
         if free <= 0:
             self._slot_freed.clear()
             await self._slot_freed.wait()

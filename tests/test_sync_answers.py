@@ -158,3 +158,19 @@ async def test_past_sync_max_in_flight_browsers_get_ok_at_once(
     release.set()
     assert await first == (200, {"ok": True, "destinations": DESTINATIONS})
     await upstream.wait_for(lambda f: {"held", "next"} <= f.delivered_set)
+
+
+async def test_browser_sends_do_not_take_the_backlogs_slots(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """sync_max_in_flight comes on top of upstream.concurrency: with every slot held by
+    browser sends, s2s rows once waited for them (attack pass)."""
+    proxy = await make_proxy(upstream={"concurrency": 1, "sync_timeout_s": 30})
+    release = asyncio.Event()
+    upstream.fault = lambda rec: Answer(hold=release) if rec.path == "/api/s/page" else None
+    held = asyncio.create_task(browser_event(proxy, "held"))
+    await upstream.wait_for(lambda f: len(f.arrived) == 1)
+    assert await browser_event(proxy, "s1", path="/api/s/s2s/page") == (200, {"ok": True})
+    await upstream.wait_for(lambda f: "s1" in f.delivered_set, timeout=5)
+    release.set()
+    assert await held == (200, {"ok": True})
