@@ -56,6 +56,15 @@ PROXY_SET = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | BODY_HEADERS | CREDENTIALS | PROXY_SET
+# Other headers load balancers and CDNs put the raw client address in (X-Client-IP,
+# Fastly-Client-IP, X-Original-Forwarded-For, X-Envoy-External-Address, X-Azure-ClientIP,
+# CloudFront-Viewer-Address, X-Appengine-User-IP, ...): kept out like X-Real-IP, by name,
+# so that privacy.ip_policy holds for them too (attack pass, F4).
+CLIENT_ADDRESS = re.compile(
+    r"(client|user|viewer|external|connecting|remote|proxyuser|real)[-_]?(ip|addr|address)"
+    r"(?=$|[-_])|forwarded[-_]for",
+    re.IGNORECASE,
+)
 # The client's Accept-Encoding goes upstream (Jitsu keeps it for functions) with only the
 # codings the forwarder can read: a browser's `br, zstd` could bring back an answer (from a CDN
 # in front of Jitsu) that it cannot decode. Jitsu itself only ever gzips
@@ -111,7 +120,7 @@ def forward_headers(
     if ip_policy == "remove":
         skip |= {"x-ip-policy"}
     for lowered, (name, values) in groups.items():
-        if lowered not in skip:
+        if lowered not in skip and not CLIENT_ADDRESS.search(lowered):
             # Jitsu keeps a repeated header as its values joined by "," (ingest/router.go
             # buildIngestMessage): one line holding exactly that is what it then stores.
             value = ",".join(values)

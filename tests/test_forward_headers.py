@@ -450,3 +450,31 @@ def test_preserve_host_needs_a_host_jitsus_server_takes() -> None:
     assert refused.value.status == 400
     bare = forward_headers(CIMultiDict(), None, "", origin=ClientOrigin("", "http"))
     assert "X-Forwarded-Host" not in bare and "Host" not in bare
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-Client-IP",
+        "Client-IP",
+        "X-Cluster-Client-IP",
+        "Fastly-Client-IP",
+        "X-Original-Forwarded-For",
+        "X-Envoy-External-Address",
+        "X-Azure-ClientIP",
+        "CloudFront-Viewer-Address",
+        "X-Vercel-Forwarded-For",
+        "X-Appengine-User-IP",
+        "X-ProxyUser-Ip",
+        "X-Remote-Addr",
+    ],
+)
+def test_no_header_naming_the_raw_client_address_goes_upstream(name: str) -> None:
+    """Only the resolved, anonymised IP goes upstream (privacy.ip_policy); load balancers and
+    CDNs put the raw one in many more headers than X-Real-IP (attack pass, F4)."""
+    headers = forward_headers(
+        {name: "203.0.113.77", "X-Clientele": "kept"}, WRITE_KEY, "", "remove"
+    )
+    assert name not in headers
+    assert "203.0.113.77" not in json.dumps(headers)
+    assert headers["X-Clientele"] == "kept"
