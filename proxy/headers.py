@@ -62,7 +62,7 @@ NOT_FORWARDED = HOP_BY_HOP | BODY_HEADERS | CREDENTIALS | PROXY_SET
 # so that privacy.ip_policy holds for them too (attack pass, F4).
 CLIENT_ADDRESS = re.compile(
     r"(client|user|viewer|external|connecting|remote|proxyuser|real)[-_]?(ip|addr|address)"
-    r"(?=$|[-_])|forwarded[-_]for",
+    r"$|forwarded[-_]for",
     re.IGNORECASE,
 )
 # The client's Accept-Encoding goes upstream (Jitsu keeps it for functions) with only the
