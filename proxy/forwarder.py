@@ -82,20 +82,18 @@ class Attempt:
     # Set when the failure was already counted (inside the request, by get_timeout).
     verdict: RowVerdict | None = None
     location: str | None = None  # where a redirect pointed
-    # Jitsu's answer as it came (for a browser waiting on it) and its refusal message, if any.
-    body: bytes = b""
-    content_type: str = "application/json"
+    # Jitsu's JSON answer, secret masked, for a browser waiting on it (None: not Jitsu's JSON,
+    # or cut at MAX_RESPONSE_BYTES: never passed on), and its refusal message, if any.
+    body: bytes | None = None
     jitsu_error: str | None = None
-    whole: bool = True  # false: `body` is only the first MAX_RESPONSE_BYTES of the answer
 
 
 @dataclasses.dataclass(frozen=True)
 class UpstreamAnswer:
-    """Jitsu's verdict on a row, to be passed on to the client as it came."""
+    """Jitsu's verdict on a row, to be passed on to the client: its status and JSON body."""
 
     status: int
     body: bytes
-    content_type: str
 
 
 class _HandBack(Exception):
@@ -655,7 +653,6 @@ class Forwarder:
             ) as resp:
                 body, whole = await _read_answer(resp)
                 status = resp.status
-                content_type = resp.headers.get("Content-Type", "application/json")
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 jitsu_error = resp.headers.get("X-Jitsu-Error")
                 location = resp.headers.get("Location") if 300 <= status < 400 else None
@@ -700,13 +697,11 @@ class Forwarder:
                 status,
                 reason[:MAX_REASON],
                 too_large=status == 413,
-                # Passed on to a waiting browser: Jitsu quotes the whole key when refusing it.
-                body=redact(body.decode("utf-8", "replace"), key).encode() if key else body,
-                content_type=content_type,
+                body=_browser_body(body, key, whole),
                 jitsu_error=_jitsu_error(row.method, body, jitsu_error, key),
             )
         attempt = _per_event(row, status, body, key, whole=whole)
-        return dataclasses.replace(attempt, body=body, content_type=content_type, whole=whole)
+        return dataclasses.replace(attempt, body=_browser_body(body, key, whole))
 
     # ---- state for health and metrics ------------------------------------------------------
 
@@ -727,9 +722,25 @@ class Forwarder:
 
 def _verdict(attempt: Attempt) -> UpstreamAnswer | None:
     """Jitsu's answer, when it is Jitsu's verdict on the event (not trouble on the way)."""
-    if attempt.outcome is Outcome.RETRY or attempt.status is None or not attempt.whole:
-        return None  # a cut answer would be broken JSON to the browser: {"ok":true} is better
-    return UpstreamAnswer(attempt.status, attempt.body, attempt.content_type)
+    if attempt.outcome is Outcome.RETRY or attempt.status is None or attempt.body is None:
+        return None
+    return UpstreamAnswer(attempt.status, attempt.body)
+
+
+def _browser_body(body: bytes, key: str | None, whole: bool) -> bytes | None:
+    """What of an answer may go to a browser: Jitsu's JSON only (an ingress's HTML 413 is not
+    Jitsu's answer; a cut one would be broken JSON: the browser gets {"ok":true} then), with
+    the secret masked however the JSON spells it (Jitsu quotes whole keys in its errors)."""
+    payload = jitsu_json(body) if whole else None
+    if payload is None:
+        return None
+    if not key:
+        return body
+    decoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    secret = key.split(":", 1)[-1]
+    if secret in decoded or secret in body.decode("utf-8", "replace"):
+        return redact(decoded, key).encode()
+    return body
 
 
 def _jitsu_error(method: str, body: bytes, header: str | None, key: str | None) -> str | None:

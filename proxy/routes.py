@@ -142,9 +142,7 @@ async def _answer_browser(state: AppState, envelope: env.Envelope, seq: int) -> 
         if answer is not None:
             state.metrics.browser_answers.labels("upstream").inc()
             return web.Response(
-                body=answer.body,
-                status=answer.status,
-                headers={hdrs.CONTENT_TYPE: answer.content_type},
+                body=answer.body, status=answer.status, content_type="application/json"
             )
     state.metrics.browser_answers.labels("edge").inc()
     return web.Response(body=OK_BODY, content_type="application/json")

@@ -174,3 +174,32 @@ async def test_browser_sends_do_not_take_the_backlogs_slots(
     await upstream.wait_for(lambda f: "s1" in f.delivered_set, timeout=5)
     release.set()
     assert await held == (200, {"ok": True})
+
+
+async def test_only_jitsus_json_reaches_the_browser_and_never_the_secret(
+    proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Attack pass, F5: an ingress's HTML 413 went to the browser as it came, upstream's
+    Content-Type with it, and a 2xx or JSON-escaped spelling of the key was not masked."""
+    secret = KEY.split(":")[1]
+    escaped = KEY.replace(secret[0], f"\\u{ord(secret[0]):04x}", 1)
+    upstream.script.extend(
+        [
+            Answer(413, text="<html><script>x()</script></html>", content_type="text/html"),
+            Answer(200, text='{"ok":true,"destinations":[]}', content_type="text/html"),
+            Answer(200, {"error": f"no destinations found for stream: [writeKey: {KEY}]"}),
+            Answer(200, text='{"error":"stream not found: [writeKey: ' + escaped + ']"}'),
+        ]
+    )
+    seen = []
+    for mid in ("h1", "h2", "h3", "h4"):
+        resp = await proxy.post(
+            "/api/s/page", headers={"X-Write-Key": KEY}, json={"type": "page", "messageId": mid}
+        )
+        seen.append((resp.status, resp.content_type, await resp.text()))
+    assert seen[0] == (200, "application/json", '{"ok":true}')
+    assert seen[1] == (200, "application/json", '{"ok":true,"destinations":[]}')
+    assert seen[2][:2] == (200, "application/json") and "kid:***" in seen[2][2]
+    assert seen[3][:2] == (200, "application/json") and "kid:***" in seen[3][2]
+    for _status, _type, text in seen:
+        assert secret not in text and secret not in text.encode().decode("unicode_escape")
