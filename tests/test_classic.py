@@ -427,3 +427,20 @@ async def test_classic_paths_go_up_as_jitsu_routes_them(
     assert resp.status == 200
     (got,) = await upstream.wait_delivered(1)
     assert got.path == URL(forwarded, encoded=True).path
+
+
+async def test_an_array_cannot_multiply_its_headers_past_the_bound(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Every event of an array is stored with the request's headers: 200 tiny events under
+    8 KB of headers would cost the buffer 1.6 MB for a 10 KB request (attack pass, F3)."""
+    proxy = await make_proxy(limits={"max_decompressed_bytes": 1_000_000})
+    headers = {f"X-Pad-{i}": "p" * 1000 for i in range(8)}
+    events = [{"event_type": "x", "eventn_ctx_event_id": f"a{i}"} for i in range(200)]
+    resp = await proxy.post(f"{BROWSER}?token={KEY}", json=events, headers=headers)
+    assert resp.status == 413
+    assert "request too large once stored" in (await resp.json())["error"]
+    assert state(proxy).buffer.rows == 0
+    ok = await proxy.post(f"{BROWSER}?token={KEY}", json=events[:50], headers=headers)
+    assert ok.status == 200
+    await until(lambda: len(upstream.delivered) == 50)
