@@ -23,6 +23,7 @@ import json
 import time
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -34,7 +35,7 @@ from proxy.config import UpstreamConfig
 from proxy.envelope import StoredBatch, pixel_destination, read_stored_batch
 from proxy.errors import BufferError_
 from proxy.metrics import Metrics
-from proxy.refusals import STREAM_NOT_FOUND, KeyRefusals, fingerprint, route_kind
+from proxy.refusals import CLIENT_DOMAIN, STREAM_NOT_FOUND, KeyRefusals, fingerprint, route_kind
 from proxy.retry import (
     RETRY_STATUSES,
     Backoff,
@@ -198,6 +199,8 @@ class Forwarder:
         self._answered: dict[int, Attempt] = {}
         # Rows sent out of turn for a waiting browser and not yet answered.
         self.sync_sending = 0
+        # How Jitsu names upstream.url's host in its refusals (ingest/router.go getDataLocator).
+        self._upstream_domain = f"[domain: {urlsplit(config.url).hostname or ''}]"
         self.refusals = refusals if refusals is not None else KeyRefusals(config.key_refusal_ttl_s)
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -697,11 +700,27 @@ class Forwarder:
                 status,
                 reason[:MAX_REASON],
                 too_large=status == 413,
-                body=_browser_body(body, key, whole),
-                jitsu_error=_jitsu_error(row.method, body, jitsu_error, key),
+                body=self._as_client_saw(_browser_body(body, key, whole), _client_domain(row)),
+                # Remembered for whoever comes next with this key: routes fills in their host.
+                jitsu_error=(_jitsu_error(row.method, body, jitsu_error, key) or "").replace(
+                    self._upstream_domain, CLIENT_DOMAIN
+                )
+                or None,
             )
         attempt = _per_event(row, status, body, key, whole=whole)
-        return dataclasses.replace(attempt, body=_browser_body(body, key, whole))
+        return dataclasses.replace(
+            attempt,
+            body=self._as_client_saw(_browser_body(body, key, whole), _client_domain(row)),
+        )
+
+    def _as_client_saw(self, text: bytes | None, domain: str) -> bytes | None:
+        """Jitsu names the Host it saw in "stream not found" ([domain: ...]): without
+        upstream.preserve_host that is upstream.url's host, an internal name no client should
+        learn (attack pass, F7). `domain` goes in its place."""
+        upstream = self._upstream_domain.encode()
+        if text is None or upstream not in text:
+            return text
+        return text.replace(upstream, domain.encode())
 
     # ---- state for health and metrics ------------------------------------------------------
 
@@ -725,6 +744,11 @@ def _verdict(attempt: Attempt) -> UpstreamAnswer | None:
     if attempt.outcome is Outcome.RETRY or attempt.status is None or attempt.body is None:
         return None
     return UpstreamAnswer(attempt.status, attempt.body)
+
+
+def _client_domain(row: Row) -> str:
+    """How Jitsu would have named the client's Host ([domain: ...], getDataLocator)."""
+    return f"[domain: {row.headers.get('X-Forwarded-Host', '').split(':', 1)[0]}]"
 
 
 def _browser_body(body: bytes, key: str | None, whole: bool) -> bytes | None:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 
 # Jitsu's refusal of a key: "stream not found: for: [slug: ..][domain: ..][writeKey: ..]".
 STREAM_NOT_FOUND = "stream not found"
+# Stands for the [domain: ...] of the client asking, in a remembered refusal (forwarder).
+CLIENT_DOMAIN = "[domain: \x00]"
 # Single-event routes are one kind each, whatever the event type in the path.
 _KIND = re.compile(r"^(/api/s/s2s/|/api/s/|/api/px/)[^/]+$")
 

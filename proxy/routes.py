@@ -27,7 +27,7 @@ from proxy.config import Config
 from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
 from proxy.headers import ClientOrigin, forward_headers
 from proxy.metrics import CONTENT_TYPE
-from proxy.refusals import fingerprint
+from proxy.refusals import CLIENT_DOMAIN, fingerprint
 from proxy.script import ScriptCache, etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
 
@@ -123,7 +123,8 @@ async def _commit(
     )
     if refused is not None:
         state.metrics.events_refused.labels("key_refused_upstream").inc()
-        raise IngestError(refused, status=401)
+        domain = f"[domain: {_hostname(request)}]"
+        raise IngestError(refused.replace(CLIENT_DOMAIN, domain), status=401)
     seqs = await state.buffer.append(envelopes)
     events = sum(e.events for e in envelopes)
     state.metrics.events_accepted.inc(events)

@@ -140,3 +140,18 @@ def test_what_a_refusal_is_remembered_under() -> None:
     assert base != fingerprint("k:other", "/api/s/page", {})
     assert base != fingerprint("k:s", "/api/s/page", {"Host": "shop.example.com"})
     assert len(base) == 16  # a digest: the secret is not kept
+
+
+async def test_a_refusal_names_the_clients_host_never_upstreams(
+    proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Jitsu names the Host it saw: without preserve_host, upstream.url's, an internal name no
+    client should learn (attack pass, F7). The client sees its own, as from Jitsu directly."""
+    upstream.fault = jitsu_refuses_wrong_key
+    body = {"type": "track", "event": "e", "messageId": "h1"}
+    headers = {"X-Write-Key": WRONG, "Host": "shop.example"}
+    first = await proxy.post("/api/s/track", headers=headers, json=body)
+    assert (await first.json())["error"] == MASKED.replace("127.0.0.1", "shop.example")
+    headers["Host"] = "other.example:8080"
+    again = await proxy.post("/api/s/track", headers=headers, json=body)
+    assert (await again.json())["error"] == MASKED.replace("127.0.0.1", "other.example")
