@@ -102,6 +102,11 @@ class UpstreamConfig:
     # How long upstream's "stream not found" for a key (per route kind and Host) is
     # remembered and answered at the edge, without buffering; 0 = never remembered.
     key_refusal_ttl_s: float = 60.0
+    # What an ingress in front of Jitsu takes (nginx: a request line in 8 KB, 32 KB of
+    # headers): a request whose upstream form is larger is refused at the edge (414 / 431)
+    # rather than kept as a row no ingress will ever pass on.
+    max_url_bytes: int = 8000
+    max_header_bytes: int = 32 * 1024
     # Send the client's Host upstream instead of upstream.url's, for installations that find
     # streams by the Host's slug or custom domain (Jitsu's getDataLocator).
     preserve_host: bool = False
@@ -409,6 +414,8 @@ def _check(config: Config) -> None:
         ("upstream.sync_timeout_s", config.upstream.sync_timeout_s <= 0),
         ("upstream.sync_max_in_flight", config.upstream.sync_max_in_flight < 1),
         ("upstream.key_refusal_ttl_s", config.upstream.key_refusal_ttl_s < 0),
+        ("upstream.max_url_bytes", config.upstream.max_url_bytes < 256),
+        ("upstream.max_header_bytes", config.upstream.max_header_bytes < 1024),
         ("buffer.path", not config.buffer.path),
         ("buffer.max_bytes", config.buffer.max_bytes <= 0),
         ("buffer.min_free_bytes", config.buffer.min_free_bytes < 0),

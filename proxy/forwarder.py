@@ -23,7 +23,7 @@ import json
 import time
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import structlog
@@ -601,7 +601,10 @@ class Forwarder:
         self._rewind()  # resend from the oldest row once upstream is back
         if not attempt.sent:
             return None  # handed back before it was sent: nothing new was learnt about upstream
-        verdict = attempt.verdict or self.row_failures.failure(row.seq)
+        # An answer from something in front of Jitsu about this request (400, 404, 414, 431
+        # from an ingress) is the row's own trouble while others were delivered a moment ago.
+        about_the_row = attempt.status is not None and 400 <= attempt.status < 500
+        verdict = attempt.verdict or self.row_failures.failure(row.seq, about_the_row)
         if attempt.location is not None:
             if self.redirected_to is None:
                 log.error(
@@ -624,9 +627,13 @@ class Forwarder:
                     retry_in_s=round(delay, 3),
                 )
             return verdict
-        self.failing = True
+        was_failing, self.failing = self.failing, True
         if self.probe_seq not in (None, row.seq):
             return verdict  # another request is the probe; only its failures shape the backoff
+        if was_failing and self.probe_seq is None:
+            # Rows that were in flight when upstream began to fail: one failure, not one
+            # step of backoff each (16 at once sent it to its ceiling: second attack pass).
+            return verdict
         self.failures += 1
         self.retry_after_s = attempt.retry_after_s
         log.warning(
@@ -683,7 +690,8 @@ class Forwarder:
             body,
             jitsu_error,
             whole=whole,
-            to_destination=location is not None and location == pixel_destination(row.path),
+            to_destination=location is not None
+            and _same_url(location, pixel_destination(row.path)),
         )
         reason = redact(reason, key)
         if outcome is Outcome.RETRY:
@@ -744,6 +752,12 @@ def _verdict(attempt: Attempt) -> UpstreamAnswer | None:
     if attempt.outcome is Outcome.RETRY or attempt.status is None or attempt.body is None:
         return None
     return UpstreamAnswer(attempt.status, attempt.body)
+
+
+def _same_url(location: str, destination: str | None) -> bool:
+    """Jitsu's redirect is to `destination` as Go's http.Redirect writes it: non-ASCII bytes
+    percent-escaped (a link to /größe comes back as /gr%c3%b6%c3%9fe)."""
+    return destination is not None and unquote(location) == unquote(destination)
 
 
 def _client_domain(row: Row) -> str:

@@ -27,6 +27,8 @@ def route_kind(path: str) -> str:
     path = path.split("?", 1)[0]
     if path == "/api/s/s2s/batch":
         return path  # strict lookup, unlike /api/s/s2s/{type}
+    if path.startswith("/api."):
+        return "/api.*"  # the classic tracker's randomize_url: a fresh name every event
     match = _KIND.match(path)
     return match.group(1) + "*" if match else path
 

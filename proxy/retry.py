@@ -13,10 +13,11 @@ import dataclasses
 import datetime
 import email.utils
 import json
+import math
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -163,8 +164,13 @@ class RowFailures:
     an outage: two poison rows failing in turn, with no other traffic, are two suspects on
     their own backoffs, not an outage."""
 
-    def __init__(self, max_strikes: int) -> None:
+    def __init__(
+        self, max_strikes: int, recent_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_strikes = max_strikes
+        self.recent_s = recent_s
+        self._clock = clock
+        self.last_ok = -math.inf
         self.delivered = 0
         self.failed = 0
         self.outage_failed = 0
@@ -179,12 +185,18 @@ class RowFailures:
 
     def ok(self, seq: int) -> None:
         self.delivered += 1
+        self.last_ok = self._clock()
         self._rows.pop(seq, None)
 
     def forget(self, seq: int) -> None:
         self._rows.pop(seq, None)
 
-    def failure(self, seq: int) -> RowVerdict:
+    def failure(self, seq: int, about_the_row: bool = False) -> RowVerdict:
+        """`about_the_row`: the answer was about this request (a 4xx from something in front
+        of Jitsu), not a sign of an outage (transport errors, timeouts, 429, 5xx). Such a
+        failure is lone also when another row was delivered within `recent_s`: rows a
+        client made that no ingress passes on, all failing at once, once put the forwarder
+        into outage mode and stalled everyone (second attack pass)."""
         mark = self._rows.setdefault(seq, self._mark())
         ok_since = self.delivered - mark.delivered
         others_failed = self.failed - mark.failed
@@ -194,7 +206,8 @@ class RowFailures:
             mark.lone += 1
             if others_failed * 4 <= ok_since:
                 mark.strikes += 1
-        lone = ok_since > 0 or (suspect and outage_since == 0)
+        recent = about_the_row and self._clock() - self.last_ok <= self.recent_s
+        lone = ok_since > 0 or recent or (suspect and outage_since == 0)
         self.failed += 1
         if lone:
             mark.tries += 1
@@ -350,16 +363,20 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     if text.isascii() and text.isdigit():
         # Saturate absurd values instead of converting thousands of digits.
-        return float(int(text[:12]))
+        digits = text.lstrip("0") or "0"
+        return float(int(digits)) if len(digits) <= 12 else 1e12
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         # asctime dates carry no zone; HTTP dates are always UTC (RFC 9110 §5.6.7).
         when = when.replace(tzinfo=datetime.UTC)
     now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
+    try:
+        return max(0.0, when.timestamp() - now)
+    except (OverflowError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

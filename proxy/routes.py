@@ -118,6 +118,7 @@ async def _commit(
     """One transaction for all of a request's envelopes: all are kept, or none. A key that
     upstream refused a moment ago is answered as Jitsu answered it, and nothing is kept."""
     first = envelopes[0]
+    _check_upstream_size(state, first)
     refused = state.refusals.refused(
         fingerprint(first.headers.get("X-Write-Key"), first.path, first.headers)
     )
@@ -130,6 +131,28 @@ async def _commit(
     state.metrics.events_accepted.inc(events)
     request[EVENT_COUNT] = events
     return seqs
+
+
+def _check_upstream_size(state: AppState, envelope: env.Envelope) -> None:
+    """Refuse what no ingress in front of Jitsu would pass on: kept, such a row would fail
+    for ever with an answer that is not Jitsu's (attack pass: big header sets, query strings
+    that grow once encoded)."""
+    upstream = state.config.upstream
+    url = len(envelope.path.encode("utf-8", "surrogatepass"))
+    if url > upstream.max_url_bytes:
+        raise IngestError(
+            f"request URI too long: {url} bytes to forward, at most {upstream.max_url_bytes}",
+            status=414,
+            browser_ok=False,
+        )
+    size = sum(len(n) + len(v.encode("utf-8", "replace")) + 4 for n, v in envelope.headers.items())
+    if size > upstream.max_header_bytes:
+        raise IngestError(
+            f"request header fields too large: {size} bytes to forward, at most "
+            f"{upstream.max_header_bytes}",
+            status=431,
+            browser_ok=False,
+        )
 
 
 async def _answer_browser(state: AppState, envelope: env.Envelope, seq: int) -> web.Response:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.auth import KeySource, WriteKey
 from proxy.errors import IngestError
@@ -316,7 +317,10 @@ async def test_headers_jitsus_server_would_refuse_as_too_large_get_its_431(
 ) -> None:
     """Go reads at most 1 MiB of header lines; past the proxy's default limits (100 lines of
     8190 bytes) no request gets there, past raised ones it is refused as Jitsu refuses it."""
-    proxy = await make_proxy(server={"max_headers": 200, "max_header_bytes": 16_000})
+    proxy = await make_proxy(
+        server={"max_headers": 200, "max_header_bytes": 16_000},
+        upstream={"max_header_bytes": 4 << 20},  # an ingress that takes anything
+    )
     headers = {f"X-Pad-{i}": "p" * 15_000 for i in range(75)}
     resp = await proxy.post(
         "/api/s/s2s/track", headers={"X-Write-Key": KEY, **headers}, json={"event": "e"}
@@ -478,3 +482,26 @@ def test_no_header_naming_the_raw_client_address_goes_upstream(name: str) -> Non
     assert name not in headers
     assert "203.0.113.77" not in json.dumps(headers)
     assert headers["X-Clientele"] == "kept"
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "status"),
+    [
+        ({f"X-Pad-{i}": "p" * 4000 for i in range(10)}, "", 431),
+        # Raw ^ | < > go upstream percent-encoded: 2.8 KB grow to 8.4 KB.
+        ({}, "q=" + "^|<>" * 700, 414),
+    ],
+)
+async def test_what_no_ingress_would_pass_on_is_refused_at_the_edge(
+    proxy: Any, upstream: FakeJitsu, headers: dict[str, str], query: str, status: int
+) -> None:
+    """An nginx in front of Jitsu answers 400 / 414 with an HTML page to a request over 32 KB
+    of headers or 8 KB of request line; kept, such rows failed for ever and, all at once,
+    stalled everyone's delivery (second attack pass). upstream.max_header_bytes and
+    max_url_bytes refuse them before anything is stored."""
+    url = URL(str(proxy.make_url("/api/s/s2s/track")) + "?" + query, encoded=True)
+    resp = await proxy.session.post(
+        url, json={"event": "e"}, headers={"X-Write-Key": KEY, **headers}
+    )
+    assert resp.status == status
+    assert proxy.server.app[APP_STATE].buffer.rows == 0 and upstream.received == []

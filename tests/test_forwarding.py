@@ -7,6 +7,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from proxy.buffer import Row
+from proxy.forwarder import Attempt
+from proxy.retry import Outcome
 from proxy.state import APP_STATE
 from tests.fakejitsu import Answer, FakeJitsu
 
@@ -204,3 +207,16 @@ async def _until(predicate: Any, timeout: float = 15) -> None:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(loop(), timeout)
+
+
+async def test_rows_in_flight_when_upstream_begins_to_fail_are_one_step_of_backoff(
+    proxy: TestClient[Any, Any],
+) -> None:
+    """Failures found outside aiohttp-retry (an answer cut mid-body) each added a step of
+    backoff: a 1 s blip with 16 rows in flight sent it to its 30 s ceiling (second attack
+    pass). Until a probe is chosen, the rows in flight count once."""
+    fwd = state(proxy).forwarder
+    for seq in range(1, 17):
+        row = Row(seq, 0.0, "kid", "/api/s/s2s/track", {}, b"{}", 10, 1)
+        fwd._failed(row, Attempt(Outcome.RETRY, None, "transport error: payload cut"))
+    assert fwd.failing and fwd.failures == 1

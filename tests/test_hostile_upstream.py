@@ -228,3 +228,29 @@ async def test_a_block_of_rows_upstream_never_takes_does_not_hold_up_the_rest(
         await send(proxy, f"good{i}")
     # Without the newest-row probes: 40 poison probes at 0.5-2 s each before any good one.
     await upstream.wait_for(lambda f: {"good0", "good1", "good2"} <= f.delivered_set, timeout=10)
+
+
+async def test_rows_an_ingress_refuses_do_not_pass_for_an_outage(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Rows a client made that an ingress in front of Jitsu answers with its own 4xx page,
+    all failing at once with nothing delivered in between, once put the forwarder into outage
+    mode (second attack pass: 10 such requests a second stalled everyone). A 4xx about the
+    request, a moment after upstream took another row, is the row's own trouble."""
+    proxy = await make_proxy(upstream={"retry": {"request_attempts": 1}})
+
+    def ingress(rec: Received) -> Answer | None:
+        if any(m.startswith("bad") for m in rec.message_ids):
+            return Answer(400, text="<html>400 Request Header Or Cookie Too Large</html>")
+        return None
+
+    upstream.fault = ingress
+    await send(proxy, "good0")
+    await upstream.wait_for(lambda f: "good0" in f.delivered_set)
+    fwd = state(proxy).forwarder
+    await asyncio.gather(*(send(proxy, f"bad{i}") for i in range(20)))
+    await upstream.wait_for(lambda f: sum(r.status == 400 for r in f.received) >= 20)
+    await _until(lambda: len(fwd.parked) == 20)
+    assert not fwd.failing
+    await send(proxy, "good1")
+    await upstream.wait_for(lambda f: "good1" in f.delivered_set, timeout=5)

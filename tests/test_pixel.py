@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 from proxy import cookies
 from proxy import envelope as env
 from proxy.state import APP_STATE
-from tests.fakejitsu import FakeJitsu
+from tests.fakejitsu import Answer, FakeJitsu
+from tests.test_forwarding import _until
 
 KEY = "pxKeyId:pxSecret"
 
@@ -409,3 +410,26 @@ async def test_pixel_answers_gif_when_rate_limited(make_proxy: Any) -> None:
     ]
     assert all(a.status == 200 and a.content_type == "image/gif" for a in answers)
     assert "rate limit" in answers[-1].headers["X-Jitsu-Error"]
+
+
+async def test_jitsus_redirect_to_a_non_ascii_destination_is_a_delivery(
+    proxy: TestClient[Any, Any], upstream: FakeJitsu, logs: Any
+) -> None:
+    """Go's http.Redirect percent-escapes non-ASCII bytes in Location: compared as it came,
+    Jitsu's acceptance of a pixel with /größe passed for a wrong upstream.url, and the event
+    was sent (and stored by Jitsu) over and over (second attack pass)."""
+    escaped = "https://shop.example/gr%c3%b6%c3%9fe"
+    upstream.fault = lambda rec: (
+        Answer(302, {}, {"Location": escaped}) if rec.method == "GET" else None
+    )
+    resp = await proxy.get(
+        "/api/px/page",
+        params={"writekey": KEY, "destination_url": "https://shop.example/größe"},
+        allow_redirects=False,
+    )
+    assert resp.status == 302
+    buf = proxy.server.app[APP_STATE].buffer  # type: ignore[union-attr]
+    await upstream.wait_for(lambda f: len(f.received) == 1)
+    await _until(lambda: buf.rows == 0)
+    assert (buf.rows, buf.dead_rows, len(upstream.received)) == (0, 0, 1)
+    assert "upstream_redirect" not in logs.getvalue()

@@ -431,3 +431,29 @@ def test_a_delivered_row_is_forgotten() -> None:
     rows.failure(1)
     rows.ok(1)
     assert len(rows) == 0
+
+
+def test_a_4xx_about_the_row_soon_after_a_delivery_is_the_rows_own() -> None:
+    now = [100.0]
+    rows = RowFailures(10, recent_s=5, clock=lambda: now[0])
+    rows.sent(1)
+    rows.ok(1)
+    for seq in (2, 3):
+        rows.sent(seq)
+    assert rows.failure(2, about_the_row=True).lone
+    assert not rows.failure(3).lone  # a transport error or 5xx: a sign of an outage
+    now[0] = 106.0
+    rows.sent(4)
+    assert not rows.failure(4, about_the_row=True).lone  # nothing delivered for a while
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("Mon, 01 Jan 99999999999 00:00:00 GMT", None),  # once an OverflowError
+        ("000000000000000005", 5.0),  # once read as its first 12 digits: 0
+        ("9" * 30, 1e12),
+    ],
+)
+def test_retry_after_values_that_once_broke_the_parser(value: str, seconds: float | None) -> None:
+    assert parse_retry_after(value, now=0) == seconds
