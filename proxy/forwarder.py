@@ -139,6 +139,8 @@ class _InRequestRetry(ExponentialRetry):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             response.close()  # aiohttp-retry does not release a response it retries
         fwd = self._forwarder
+        # A browser waiting on this row gets {"ok":true} now, not after the retries.
+        fwd._answer_waiters(self._seq, None)
         verdict = fwd.row_failures.failure(self._seq)
         if verdict.lone:
             # Others get through: this row's trouble is its own; no outage mode for it.

@@ -203,3 +203,19 @@ async def test_only_jitsus_json_reaches_the_browser_and_never_the_secret(
     assert seen[3][:2] == (200, "application/json") and "kid:***" in seen[3][2]
     for _status, _type, text in seen:
         assert secret not in text and secret not in text.encode().decode("unicode_escape")
+
+
+async def test_the_first_browser_to_meet_an_outage_is_not_kept_for_the_retries(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Its row fails and is retried inside the request after a backoff (here 2 s): the
+    browser once waited for those retries, up to sync_timeout_s (here 10 s)."""
+    proxy = await make_proxy(
+        upstream={"sync_timeout_s": 10, "retry": {"initial_backoff_s": 2, "max_backoff_s": 4}}
+    )
+    await upstream.stop()
+    started = time.monotonic()
+    assert await browser_event(proxy, "first") == (200, {"ok": True})
+    assert time.monotonic() - started < 1.5
+    await upstream.start()
+    await upstream.wait_for(lambda f: "first" in f.delivered_set, timeout=15)
