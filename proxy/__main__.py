@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=server.shutdown_timeout_s,
             access_log=None,
             print=None,
+            loop=_event_loop(),
             **server_options(config),
         )
     except BufferError_ as exc:
@@ -115,6 +116,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         super().error(re.sub(r"(\S+?):\S+", lambda m: mask_key(m.group(0)), message))
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (Linux, macOS: a dependency there), else
+    asyncio's. Same behaviour, less time per request in the loop itself (issue 9)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _listen(host: str, port: int) -> socket.socket:
