@@ -7,8 +7,8 @@ sits between; the forwarder starts last and stops first.
 from __future__ import annotations
 
 import math
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ def error_response(request: web.Request, exc: Exception) -> web.Response:
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, JSON errors, CORS on ingest routes, and one canonical log line per request."""
     started = time.perf_counter()
-    structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
+    structlog.contextvars.bind_contextvars(request_id=os.urandom(8).hex())
     state = request.app[APP_STATE]
     route = _route_of(request)
     public = route in state.public_routes

@@ -8,7 +8,9 @@ import sys
 import structlog
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = True) -> None:
+    """`cache`: each logger is built once, on first use (issue 9: a log line per request).
+    Tests that reconfigure structlog on the fly turn it off."""
     renderer: structlog.typing.Processor
     if fmt == "console" or (fmt == "auto" and sys.stdout.isatty()):
         renderer = structlog.dev.ConsoleRenderer()
@@ -25,7 +27,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )
     # aiohttp and asyncio speak through the standard library; render their warnings the same way.
     handler = logging.StreamHandler(sys.stdout)

@@ -17,7 +17,7 @@ from proxy.logs import configure_logging
 from tests.fakejitsu import FakeJitsu
 from tests.procs import merge
 
-configure_logging("debug", "json")
+configure_logging("debug", "json", cache=False)  # the `logs` fixture reconfigures per test
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
