@@ -525,3 +525,42 @@ def test_header_keys_default_to_todays_behaviour_and_come_from_env() -> None:
 )
 def test_bad_drop_headers(names: list[str], message: str) -> None:
     assert config_error({"upstream": {"drop_headers": names}}) == message
+
+
+def test_sync_refusal_and_size_keys_default_and_come_from_env() -> None:
+    upstream = build_config({}, {}).upstream
+    assert (
+        upstream.sync_browser,
+        upstream.sync_timeout_s,
+        upstream.sync_max_in_flight,
+        upstream.key_refusal_ttl_s,
+        upstream.max_url_bytes,
+        upstream.max_header_bytes,
+    ) == (True, 1.0, 256, 60.0, 8000, 32768)
+    upstream = build_config(
+        {},
+        {
+            "PROXY_UPSTREAM_SYNC_BROWSER": "false",
+            "PROXY_UPSTREAM_SYNC_TIMEOUT_S": "0.25",
+            "PROXY_UPSTREAM_KEY_REFUSAL_TTL_S": "0",
+            "PROXY_UPSTREAM_MAX_HEADER_BYTES": "65536",
+        },
+    ).upstream
+    assert (upstream.sync_browser, upstream.sync_timeout_s) == (False, 0.25)
+    assert (upstream.key_refusal_ttl_s, upstream.max_header_bytes) == (0.0, 65536)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("sync_timeout_s", 0),
+        ("sync_max_in_flight", 0),
+        ("key_refusal_ttl_s", -1),
+        ("max_url_bytes", 10),
+        ("max_header_bytes", 10),
+    ],
+)
+def test_bad_sync_refusal_and_size_values(key: str, value: float) -> None:
+    assert config_error({"upstream": {key: value}}).startswith(
+        f"config key upstream.{key}: invalid value"
+    )
