@@ -83,9 +83,11 @@ class Attempt:
     # Set when the failure was already counted (inside the request, by get_timeout).
     verdict: RowVerdict | None = None
     location: str | None = None  # where a redirect pointed
-    # Jitsu's JSON answer, secret masked, for a browser waiting on it (None: not Jitsu's JSON,
-    # or cut at MAX_RESPONSE_BYTES: never passed on), and its refusal message, if any.
-    body: bytes | None = None
+    # Upstream's answer as read, for a browser waiting on it (`whole`: not cut at
+    # MAX_RESPONSE_BYTES; what of it may be passed on is decided then: _browser_answer), and
+    # Jitsu's refusal message with the secret masked, if any.
+    body: bytes = b""
+    whole: bool = True
     jitsu_error: str | None = None
 
 
@@ -327,24 +329,22 @@ class Forwarder:
         buffer as usual in every case."""
         if self.failing or self.stopping or self.client is None:
             return None
-        done = self._answered.get(row.seq)
-        if done is not None:
-            return _verdict(done)
-        waiter = self._waiters.get(row.seq)
-        if waiter is None:
-            if row.seq not in self.inflight:
-                if row.seq <= self.cursor and row.seq not in self.parked:
-                    return None  # already taken by the loop and settled: nothing to wait for
-                if self.sync_sending >= self.config.sync_max_in_flight:
-                    return None
-                self.parked.pop(row.seq, None)
-                self._launch(row, f"sync-{row.seq}", sync=True)
-            waiter = self._waiters[row.seq] = asyncio.get_running_loop().create_future()
-        try:
-            attempt = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
-        except TimeoutError:
-            return None
-        return None if attempt is None else _verdict(attempt)
+        attempt = self._answered.get(row.seq)
+        if attempt is None:
+            waiter = self._waiters.get(row.seq)
+            if waiter is None:
+                if row.seq not in self.inflight:
+                    if row.seq <= self.cursor:
+                        return None  # the loop took it and settled it already
+                    if self.sync_sending >= self.config.sync_max_in_flight:
+                        return None
+                    self._launch(row, f"sync-{row.seq}", sync=True)
+                waiter = self._waiters[row.seq] = asyncio.get_running_loop().create_future()
+            try:
+                attempt = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            except TimeoutError:
+                return None
+        return None if attempt is None else self._browser_answer(attempt, row)
 
     def _unpark_due(self) -> None:
         now = time.monotonic()
@@ -580,7 +580,10 @@ class Forwarder:
                     route=route_kind(row.path),
                     answered_at_edge_for_s=self.config.key_refusal_ttl_s,
                 )
-            self.refusals.remember(print_, attempt.jitsu_error)
+            # Remembered for whoever comes next with this key: routes names their host.
+            self.refusals.remember(
+                print_, attempt.jitsu_error.replace(self._upstream_domain, CLIENT_DOMAIN)
+            )
         else:
             self.refusals.forget(print_)
 
@@ -710,27 +713,28 @@ class Forwarder:
                 status,
                 reason[:MAX_REASON],
                 too_large=status == 413,
-                body=self._as_client_saw(_browser_body(body, key, whole), _client_domain(row)),
-                # Remembered for whoever comes next with this key: routes fills in their host.
-                jitsu_error=(_jitsu_error(row.method, body, jitsu_error, key) or "").replace(
-                    self._upstream_domain, CLIENT_DOMAIN
-                )
-                or None,
+                body=body,
+                whole=whole,
+                jitsu_error=_jitsu_error(row.method, body, jitsu_error, key),
             )
         attempt = _per_event(row, status, body, key, whole=whole)
-        return dataclasses.replace(
-            attempt,
-            body=self._as_client_saw(_browser_body(body, key, whole), _client_domain(row)),
-        )
+        return dataclasses.replace(attempt, body=body, whole=whole)
 
-    def _as_client_saw(self, text: bytes | None, domain: str) -> bytes | None:
-        """Jitsu names the Host it saw in "stream not found" ([domain: ...]): without
-        upstream.preserve_host that is upstream.url's host, an internal name no client should
-        learn (attack pass, F7). `domain` goes in its place."""
+    def _browser_answer(self, attempt: Attempt, row: Row) -> UpstreamAnswer | None:
+        """What of upstream's answer a waiting browser gets: Jitsu's verdict on the event only
+        (not trouble on the way), its JSON only, the secret masked, and in place of the Host
+        Jitsu names in "stream not found" ([domain: ...]: without upstream.preserve_host,
+        upstream.url's, an internal name: attack pass, F7) the client's own. Worked out here,
+        for the rows a browser waits on, not for every answer."""
+        if attempt.outcome is Outcome.RETRY or attempt.status is None:
+            return None
+        body = _browser_body(attempt.body, row.headers.get("X-Write-Key"), attempt.whole)
+        if body is None:
+            return None
         upstream = self._upstream_domain.encode()
-        if text is None or upstream not in text:
-            return text
-        return text.replace(upstream, domain.encode())
+        if upstream in body:
+            body = body.replace(upstream, _client_domain(row).encode())
+        return UpstreamAnswer(attempt.status, body)
 
     # ---- state for health and metrics ------------------------------------------------------
 
@@ -747,13 +751,6 @@ class Forwarder:
             if self.failing
             else 0.0,
         }
-
-
-def _verdict(attempt: Attempt) -> UpstreamAnswer | None:
-    """Jitsu's answer, when it is Jitsu's verdict on the event (not trouble on the way)."""
-    if attempt.outcome is Outcome.RETRY or attempt.status is None or attempt.body is None:
-        return None
-    return UpstreamAnswer(attempt.status, attempt.body)
 
 
 def _same_url(location: str, destination: str | None) -> bool:
