@@ -72,8 +72,8 @@ CLIENT_ADDRESS = re.compile(
 READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 
 # Go's server reads at most MaxHeaderBytes (1 MiB) of header lines, plus 4 KiB of slack for the
-# request line, and answers 431 beyond. Headers the proxy would send past that could never be
-# delivered, so the client gets Jitsu's 431 now instead of a 2xx for an event that will fail.
+# request line, and answers 431 beyond: the most upstream.max_header_bytes can let through
+# (routes refuses more with Jitsu's 431, rather than a 2xx for an event that will fail).
 MAX_UPSTREAM_HEADER_BYTES = 1 << 20
 
 # Go's httpguts.ValidHostHeader: Jitsu's server answers 400 to a Host with any other byte.
@@ -141,7 +141,6 @@ def forward_headers(
     if ip_policy == "remove":
         # With no IP header Jitsu would take the proxy's own address; this makes it store none.
         headers["X-IP-Policy"] = "remove"
-    _check_size(headers)
     return headers
 
 
@@ -176,15 +175,9 @@ def checked_host(host: str) -> str:
     return host
 
 
-def _check_size(headers: Mapping[str, str]) -> None:
-    size = sum(len(n) + len(v.encode("utf-8")) + 4 for n, v in headers.items())
-    if size > MAX_UPSTREAM_HEADER_BYTES:
-        raise IngestError(
-            f"request header fields too large: {size} bytes to forward, at most "
-            f"{MAX_UPSTREAM_HEADER_BYTES}",
-            status=431,
-            browser_ok=False,
-        )
+def header_bytes(headers: Mapping[str, str]) -> int:
+    """What the header lines take on the wire ("Name: value\r\n")."""
+    return sum(len(n) + len(v.encode("utf-8", "replace")) + 4 for n, v in headers.items())
 
 
 def header_text(value: str) -> str:

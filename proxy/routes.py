@@ -25,7 +25,7 @@ from proxy.buffer import Row
 from proxy.clientip import anonymize, is_trusted, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
-from proxy.headers import ClientOrigin, forward_headers
+from proxy.headers import MAX_UPSTREAM_HEADER_BYTES, ClientOrigin, forward_headers, header_bytes
 from proxy.metrics import CONTENT_TYPE
 from proxy.refusals import CLIENT_DOMAIN, fingerprint
 from proxy.script import ScriptCache, etag_matches
@@ -119,9 +119,10 @@ async def _commit(
     upstream refused a moment ago is answered as Jitsu answered it, and nothing is kept."""
     first = envelopes[0]
     _check_upstream_size(state, first)
-    refused = state.refusals.refused(
-        fingerprint(first.headers.get("X-Write-Key"), first.path, first.headers)
-    )
+    refused = None
+    if len(state.refusals):  # no digest per request while no key is refused (the usual case)
+        key = first.headers.get("X-Write-Key")
+        refused = state.refusals.refused(fingerprint(key, first.path, first.headers))
     if refused is not None:
         state.metrics.events_refused.labels("key_refused_upstream").inc()
         domain = f"[domain: {_hostname(request)}]"
@@ -145,11 +146,11 @@ def _check_upstream_size(state: AppState, envelope: env.Envelope) -> None:
             status=414,
             browser_ok=False,
         )
-    size = sum(len(n) + len(v.encode("utf-8", "replace")) + 4 for n, v in envelope.headers.items())
-    if size > upstream.max_header_bytes:
+    size = header_bytes(envelope.headers)
+    limit = min(upstream.max_header_bytes, MAX_UPSTREAM_HEADER_BYTES)
+    if size > limit:
         raise IngestError(
-            f"request header fields too large: {size} bytes to forward, at most "
-            f"{upstream.max_header_bytes}",
+            f"request header fields too large: {size} bytes to forward, at most {limit}",
             status=431,
             browser_ok=False,
         )
