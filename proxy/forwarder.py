@@ -809,7 +809,7 @@ def _per_event(
     if batch is not None:
         ids = batch.message_ids
     else:
-        single = _json_object(row.body)
+        single = jitsu_json(row.body)
         ids = (single.get("messageId"),) if single is not None else (None,) * row.events
     verdicts = read_batch_answer(ids, payload)
     retry = [v for v in verdicts if v.fate is EventFate.RETRY]
@@ -824,14 +824,6 @@ def _per_event(
         reason = f"upstream could not take {len(retry)} of {len(verdicts)} event(s)"
         return Attempt(Outcome.RETRY, status, _reason(f"{reason}: {retry[0].reason}", key))
     return Attempt(Outcome.REJECTED, status, _reason(f"upstream refused: {refused[0].reason}", key))
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _reason(text: str, key: str | None) -> str:
