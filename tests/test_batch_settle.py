@@ -288,7 +288,8 @@ async def test_a_batch_too_large_for_upstream_is_split_until_it_fits(
     await upstream.wait_for(lambda f: sorted(f.taken_ids()) == ids)
     await _until(lambda: buf.rows == 0)
     assert buf.dead_rows == 0
-    assert all(len(r.message_ids) > 2 for r in upstream.received if r.status == 413)
+    too_large = [r for r in upstream.received if r.status == 413]
+    assert too_large and all(len(r.message_ids) > 2 for r in too_large)
     assert upstream.taken_ids().count("m0") == 1, "each event is taken once"
     splits = [(x["events"], x["into"]) for x in log_lines(logs, "batch_split")]
     assert splits[0] == (7, [3, 4])

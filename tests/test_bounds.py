@@ -43,7 +43,8 @@ async def test_health_answers_while_a_large_batch_is_parsed(make_proxy: Any) -> 
     event = {"type": "track", "event": "e", "properties": {"p": "x" * 20, "n": [1, 2, 3]}}
     body = json.dumps({"batch": [event] * 36_000}).encode()  # about 3 MB, 36 000 events
     big = asyncio.create_task(proxy.post("/v1/batch", data=io.BytesIO(body), headers=HEADERS))
-    await asyncio.sleep(0.05)  # the big body is on its way, or being parsed
+    # Parsed on the event loop, it would never wait for the worker: this would time out.
+    await _until(lambda: state(proxy).offload.pending == 1)
     health = await proxy.get("/healthz")
     assert health.status == 200
     assert not big.done(), "the large batch was parsed on the event loop, ahead of /healthz"

@@ -296,7 +296,10 @@ INTENDED: dict[str, Intended] = {
         "that has none, and uses a new one of its own for the others",
         lambda d, p, pair: (_uuid(d) or d in (None, "")) and _uuid(p),
     ),
-    "messageId": Intended("(the ingest message's id is the event's messageId)", lambda *_: True),
+    "messageId": Intended(
+        "(the ingest message's id is the event's messageId, given at the edge)",
+        lambda d, p, pair: p in {s.payload.get("messageId") for s in pair.proxied.stored},
+    ),
     "httpHeaders.Cookie": Intended(
         "Cookies are the site's: only Jitsu's own (__eventn_*, __group_*) go upstream, and only "
         "from the pixel",
