@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -74,3 +75,14 @@ def make_proxy(aiohttp_client: Any, tmp_path: Path, upstream: FakeJitsu) -> Prox
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
     return await make_proxy()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 15) -> None:
+    """Wait until `predicate()` holds, checking every few ms; fail after `timeout` s. The one
+    poller for conditions no event signals (the fake upstream's own waits come first)."""
+
+    async def loop() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(loop(), timeout)

@@ -28,11 +28,11 @@ from proxy.retry import (
     jitsu_message_id,
     read_batch_answer,
 )
-from tests.conftest import test_config
+from tests.conftest import test_config, until
 from tests.fakejitsu import Answer, FakeJitsu
 from tests.faults.invariants import drain, read_buffer
 from tests.procs import ProxyProcess
-from tests.test_forwarding import KEY, _until, send, state
+from tests.test_forwarding import KEY, send, state
 from tests.test_hostile_upstream import metric
 
 SECRET = KEY.split(":", 1)[1]
@@ -229,7 +229,7 @@ async def test_a_partial_answer_settles_each_event(
     proxy = await make_proxy()
     await post_batch(proxy, batch("a", "b", "c", "d"))
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0 and buf.dead_rows == 1)
+    await until(lambda: buf.rows == 0 and buf.dead_rows == 1)
 
     sent = [r.message_ids for r in upstream.received]
     assert sent == [["a", "b", "c", "d"], ["c"], ["c"]], "only what Jitsu did not take goes again"
@@ -258,7 +258,7 @@ async def test_a_partial_answer_settles_each_event(
     assert await replay(test_config(tmp_path, upstream.url), DeadLetterFilter()) == 1
     replayed = await make_proxy()
     await upstream.wait_for(lambda f: len(f.received) == 4)
-    await _until(lambda: state(replayed).buffer.rows == 0)
+    await until(lambda: state(replayed).buffer.rows == 0)
     assert upstream.received[-1].message_ids == ["b"]
     assert sorted(upstream.taken_ids()) == ["a", "b", "c", "d"]
 
@@ -271,7 +271,7 @@ async def test_transient_errors_on_every_event_are_retried_like_an_outage(
     await post_batch(proxy, batch("a", "b", "c"))
     await upstream.wait_for(lambda f: sorted(f.taken_ids()) == ["a", "b", "c"])
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0)
+    await until(lambda: buf.rows == 0)
     assert buf.dead_rows == 0
     assert [len(r.message_ids) for r in upstream.received] == [3, 3, 3]
     assert [x["status"] for x in log_lines(logs, "upstream_retry")] == [200, 200]
@@ -286,7 +286,7 @@ async def test_a_batch_too_large_for_upstream_is_split_until_it_fits(
     await post_batch(proxy, batch(*ids))
     buf = state(proxy).buffer
     await upstream.wait_for(lambda f: sorted(f.taken_ids()) == ids)
-    await _until(lambda: buf.rows == 0)
+    await until(lambda: buf.rows == 0)
     assert buf.dead_rows == 0
     too_large = [r for r in upstream.received if r.status == 413]
     assert too_large and all(len(r.message_ids) > 2 for r in too_large)
@@ -312,7 +312,7 @@ async def test_an_event_too_large_on_its_own_is_dead_lettered(
     assert resp.status == 200  # (a browser route would pass Jitsu's 413 on: sync_browser)
     buf = state(proxy).buffer
     await upstream.wait_for(lambda f: sorted(f.taken_ids()) == ["a", "b", "d"])
-    await _until(lambda: buf.rows == 0 and buf.dead_rows == 2)
+    await until(lambda: buf.rows == 0 and buf.dead_rows == 2)
     dead = {tuple(_ids(d["body"])): d for d in await buf.dead_letters()}
     assert set(dead) == {("c",), ("single",)}
     for letter in dead.values():
@@ -336,7 +336,7 @@ async def test_no_destinations_is_a_delivery(
     upstream.script.append(Answer(200, {"error": NO_DST}))
     await send(proxy, "single")
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0)
+    await until(lambda: buf.rows == 0)
     assert buf.dead_rows == 0
     assert len(upstream.received) == 2, "nothing is sent twice"
     assert await metric(proxy, "proxy_events_delivered_total") == 3
@@ -349,7 +349,7 @@ async def test_an_answer_too_large_to_read_splits_the_batch(
     upstream.event_error = lambda _mid: "event error: " + "x" * 300_000
     await post_batch(proxy, batch("a", "b", "c", "d"))
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0 and buf.dead_rows == 2)
+    await until(lambda: buf.rows == 0 and buf.dead_rows == 2)
     # One dead letter per half: events refused for the same reason stay together.
     assert sorted(_ids(d["body"]) for d in await buf.dead_letters()) == [["a", "b"], ["c", "d"]]
     assert upstream.taken_ids() == []
@@ -371,7 +371,7 @@ async def test_an_error_naming_no_event_is_retried_then_dead_lettered_alone(
         n += 1
         assert n < 500, "never dead-lettered"
         await send(proxy, f"other{n}")  # traffic that goes through, to tell a lone failure
-        await _until(lambda: buf.rows <= 1)
+        await until(lambda: buf.rows <= 1)
     (dead,) = await buf.dead_letters()
     assert _ids(dead["body"]) == [7]
     assert "names no event" in dead["reason"]

@@ -14,8 +14,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from proxy.envelope import Envelope
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.test_forwarding import KEY, _until, state
+from tests.test_forwarding import KEY, state
 from tests.test_hostile_upstream import metric
 
 HEADERS = {"X-Write-Key": KEY, "Content-Type": "application/json"}
@@ -44,7 +45,7 @@ async def test_health_answers_while_a_large_batch_is_parsed(make_proxy: Any) -> 
     body = json.dumps({"batch": [event] * 36_000}).encode()  # about 3 MB, 36 000 events
     big = asyncio.create_task(proxy.post("/v1/batch", data=io.BytesIO(body), headers=HEADERS))
     # Parsed on the event loop, it would never wait for the worker: this would time out.
-    await _until(lambda: state(proxy).offload.pending == 1)
+    await until(lambda: state(proxy).offload.pending == 1)
     health = await proxy.get("/healthz")
     assert health.status == 200
     assert not big.done(), "the large batch was parsed on the event loop, ahead of /healthz"
@@ -143,8 +144,8 @@ async def test_dead_letters_have_a_bound_of_their_own(
         )
         assert resp.status == 200
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0 and buf.dead_dropped_rows > 0)
-    await _until(lambda: buf.dead_bytes <= 20_000)
+    await until(lambda: buf.rows == 0 and buf.dead_dropped_rows > 0)
+    await until(lambda: buf.dead_bytes <= 20_000)
     with sqlite3.connect(buf.dir / "buffer.db") as conn:
         (on_disk,) = conn.execute(
             "SELECT coalesce(sum(size + length(CAST(reason AS BLOB))), 0) FROM dead_letter"
@@ -258,8 +259,8 @@ async def test_dead_letter_reasons_count_against_their_bound(
         )
         assert resp.status == 200
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0 and buf.dead_rows + buf.dead_dropped_rows == 40)
-    await _until(lambda: buf.dead_bytes <= 30_000)
+    await until(lambda: buf.rows == 0 and buf.dead_rows + buf.dead_dropped_rows == 40)
+    await until(lambda: buf.dead_bytes <= 30_000)
     with sqlite3.connect(buf.dir / "buffer.db") as conn:
         (stored, longest) = conn.execute(
             "SELECT sum(size + length(CAST(reason AS BLOB))), max(length(reason)) FROM dead_letter"

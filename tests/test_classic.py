@@ -18,8 +18,8 @@ from yarl import URL
 
 from proxy.auth import KeySource, WriteKey, find_classic_key
 from proxy.state import APP_STATE
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.faults.test_forwarder_races import until
 
 KEY = "clsKeyId:clsSecret42"
 SECRET = KEY.split(":")[1]

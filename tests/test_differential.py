@@ -8,7 +8,6 @@ field and both values (issue 8, "How to show it").
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import gzip
@@ -28,7 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.app import create_app, server_options
 from proxy.state import APP_STATE, AppState
-from tests.conftest import test_config
+from tests.conftest import test_config, until
 from tests.jitsumodel import (
     S_LIB_JS,
     Destination,
@@ -414,14 +413,6 @@ def assert_same(pair: Pair) -> None:
 
 
 # ---- running both sides ----------------------------------------------------------------------
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5) -> None:
-    async def loop() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(loop(), timeout)
 
 
 @dataclasses.dataclass

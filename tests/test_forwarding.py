@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -11,6 +10,7 @@ from proxy.buffer import Row
 from proxy.forwarder import Attempt
 from proxy.retry import Outcome
 from proxy.state import APP_STATE
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu
 
 KEY = "kid:sUperSecretValue123"
@@ -43,7 +43,7 @@ async def test_503_then_200_is_retried_and_delivered_once(
     bodies = {r.body for r in upstream.received}
     assert len(bodies) == 1, "every retry must carry the identical bytes"
     assert upstream.delivered_ids() == ["m1"]
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
 
 
 async def test_retry_after_is_honoured(make_proxy: Any, upstream: FakeJitsu) -> None:
@@ -75,7 +75,7 @@ async def test_400_is_dead_lettered_and_does_not_block_the_next_events(
         await send(proxy, mid)
     await upstream.wait_for(lambda f: sorted(f.delivered_ids()) == ["m1", "m2", "m3"])
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
+    await until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
     (dead,) = await buffer.dead_letters()
     assert dead["status"] == 400
     assert "rejected by test" in dead["reason"]
@@ -96,7 +96,7 @@ async def test_browser_200_with_error_is_dead_lettered_without_the_secret(
     # The browser gets Jitsu's own answer (upstream.sync_browser), the secret masked.
     assert answer == {"error": "stream not found: for: [writeKey: kid:***][ingestType: writeKey]"}
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.dead_rows == 1)
+    await until(lambda: buffer.dead_rows == 1)
     (dead,) = await buffer.dead_letters()
     assert "stream not found" in dead["reason"]
     assert "sUperSecretValue123" not in dead["reason"]
@@ -116,7 +116,7 @@ async def test_batch_partly_refused_is_kept_in_dead_letters(
     )
     assert resp.status == 200
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
+    await until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
     (dead,) = await buffer.dead_letters()
     assert "quota exceeded" in dead["reason"]
 
@@ -129,7 +129,7 @@ async def test_upstream_down_then_up_delivers_everything_in_order(
     for mid in ids:
         await send(proxy, mid)
     fwd = state(proxy).forwarder
-    await _until(lambda: fwd.failing and fwd.failures >= 3)
+    await until(lambda: fwd.failing and fwd.failures >= 3)
     assert state(proxy).buffer.rows == 40
     await upstream.start()
     await upstream.wait_for(lambda f: len(set(f.delivered_ids())) == 40, timeout=15)
@@ -139,7 +139,7 @@ async def test_upstream_down_then_up_delivers_everything_in_order(
     # The first wave (upstream.concurrency: 16) is the 16 oldest, in whatever order they land.
     assert set(rest[:16]) == set([mid for mid in ids if mid != delivered[0]][:16]), delivered
     assert sorted(set(delivered)) == ids
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
 
 
 async def test_only_one_probe_in_flight_while_upstream_fails(
@@ -151,7 +151,7 @@ async def test_only_one_probe_in_flight_while_upstream_fails(
     for i in range(30):
         await send(proxy, f"m{i}")
     fwd = state(proxy).forwarder
-    await _until(lambda: fwd.failing and fwd.failures >= 2 and upstream.in_flight <= 1)
+    await until(lambda: fwd.failing and fwd.failures >= 2 and upstream.in_flight <= 1)
     # From here on upstream is known to fail: only the probe may be in flight.
     upstream.max_in_flight = upstream.in_flight
     probes_before = len(upstream.received)
@@ -178,7 +178,7 @@ async def test_hanging_upstream_times_out_and_is_retried(
     upstream.hang = True
     await send(proxy, "m-hang")
     fwd = state(proxy).forwarder
-    await _until(lambda: fwd.failures >= 2, timeout=10)
+    await until(lambda: fwd.failures >= 2, timeout=10)
     upstream.hang = False
     await upstream.wait_delivered(1, timeout=10)
     assert upstream.delivered_ids() == ["m-hang"]
@@ -191,7 +191,7 @@ async def test_metrics_count_what_happened(
     for mid in ("a", "bad", "b"):
         await send(proxy, mid)
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.rows == 0 and buffer.dead_rows == 1)
+    await until(lambda: buffer.rows == 0 and buffer.dead_rows == 1)
     text = await (await proxy.get("/metrics")).text()
     assert "proxy_events_accepted_total 3.0" in text
     assert "proxy_events_delivered_total 2.0" in text
@@ -199,14 +199,6 @@ async def test_metrics_count_what_happened(
     assert "proxy_buffer_rows 0.0" in text
     assert 'proxy_ingest_requests_total{route="/api/s/s2s/{type}",status="200"} 3.0' in text
     assert "sUperSecretValue123" not in text
-
-
-async def _until(predicate: Any, timeout: float = 15) -> None:
-    async def loop() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(loop(), timeout)
 
 
 async def test_rows_in_flight_when_upstream_begins_to_fail_are_one_step_of_backoff(

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.test_forwarding import KEY, _until, send, state
+from tests.test_forwarding import KEY, send, state
 
 SECRET = KEY.split(":", 1)[1]
 
@@ -50,7 +51,7 @@ async def test_redirects_are_not_followed_and_lose_nothing(
     for i in range(3):
         await send(proxy, f"r{i}")
     fwd = state(proxy).forwarder
-    await _until(lambda: fwd.redirected_to is not None and fwd.failures >= 2)
+    await until(lambda: fwd.redirected_to is not None and fwd.failures >= 2)
 
     assert elsewhere.received == [], "the event and its key went to another host"
     assert state(proxy).buffer.rows == 3 and state(proxy).buffer.dead_rows == 0
@@ -63,7 +64,7 @@ async def test_redirects_are_not_followed_and_lose_nothing(
 
     upstream.fault = None  # upstream.url fixed (here: upstream stops redirecting)
     await upstream.wait_for(lambda f: len(f.delivered_set) == 3)
-    await _until(lambda: state(proxy).buffer.rows == 0 and fwd.redirected_to is None)
+    await until(lambda: state(proxy).buffer.rows == 0 and fwd.redirected_to is None)
     assert elsewhere.received == []
     assert await metric(proxy, "proxy_upstream_redirected") == 0
 
@@ -91,7 +92,7 @@ async def test_one_event_that_always_fails_does_not_hold_back_the_rest(
             break
         await send(proxy, f"later{i}")
         await asyncio.sleep(0.05)
-    await _until(lambda: buf.dead_rows == 1 and buf.rows == 0, timeout=20)
+    await until(lambda: buf.dead_rows == 1 and buf.rows == 0, timeout=20)
     (dead,) = await buf.dead_letters()
     assert dead["status"] == 500
     assert "while other events were delivered" in dead["reason"]
@@ -107,10 +108,10 @@ async def test_during_an_outage_nothing_is_dead_lettered(
     for i in range(20):
         await send(proxy, f"o{i}")
     fwd = state(proxy).forwarder
-    await _until(lambda: fwd.failures >= 8)
+    await until(lambda: fwd.failures >= 8)
     upstream.fault = None
     await upstream.wait_for(lambda f: len(f.delivered_set) == 20)
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
     assert state(proxy).buffer.dead_rows == 0
 
 
@@ -134,11 +135,11 @@ async def test_answers_that_are_not_jitsus_verdict_are_retried(
     for i in range(10):
         await send(proxy, f"n{i}")
     fwd = state(proxy).forwarder
-    await _until(lambda: fwd.failures >= 3)
+    await until(lambda: fwd.failures >= 3)
     assert state(proxy).buffer.dead_rows == 0
     upstream.fault = None
     await upstream.wait_for(lambda f: len(f.delivered_set) == 10)
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
     assert state(proxy).buffer.dead_rows == 0
 
 
@@ -150,7 +151,7 @@ async def test_jitsus_own_verdict_still_dead_letters(
     await send(proxy, "fine")
     await upstream.wait_for(lambda f: "fine" in f.delivered_set)
     buf = state(proxy).buffer
-    await _until(lambda: buf.dead_rows == 1 and buf.rows == 0)
+    await until(lambda: buf.dead_rows == 1 and buf.rows == 0)
     (dead,) = await buf.dead_letters()
     assert (dead["status"], dead["reason"]) == (
         400,
@@ -173,7 +174,7 @@ async def test_poison_rows_at_low_traffic_back_off_alone_and_upstream_stays_up(
         await send(proxy, f"bad{i}" if i in (5, 17) else f"g{i}")
     await upstream.wait_for(lambda f: len(f.delivered_set) == 28)
     fwd = state(proxy).forwarder
-    await _until(lambda: len(fwd.parked) == 2)
+    await until(lambda: len(fwd.parked) == 2)
     before = sum(1 for r in upstream.received if r.message_ids[0].startswith("bad"))
     await asyncio.sleep(3)
     attempts = sum(1 for r in upstream.received if r.message_ids[0].startswith("bad")) - before
@@ -198,7 +199,7 @@ async def test_a_large_answer_from_jitsu_is_read_whole_or_trusted(
     # The browser gets Jitsu's answer when it was read whole, else the proxy's own.
     assert answer == ({"ok": True, "destinations": destinations} if pad < 1e6 else {"ok": True})
     await upstream.wait_for(lambda f: "big-ack" in f.delivered_set)
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
     assert sum(1 for r in upstream.received if r.message_ids == ["big-ack"]) == 1
     assert not state(proxy).forwarder.failing
 
@@ -223,7 +224,7 @@ async def test_a_block_of_rows_upstream_never_takes_does_not_hold_up_the_rest(
 
     upstream.fault = poison
     await asyncio.gather(*(send(proxy, f"bad{i}") for i in range(40)))
-    await _until(lambda: state(proxy).forwarder.failing)
+    await until(lambda: state(proxy).forwarder.failing)
     for i in range(3):
         await send(proxy, f"good{i}")
     # Without the newest-row probes: 40 poison probes at 0.5-2 s each before any good one.
@@ -250,7 +251,7 @@ async def test_rows_an_ingress_refuses_do_not_pass_for_an_outage(
     fwd = state(proxy).forwarder
     await asyncio.gather(*(send(proxy, f"bad{i}") for i in range(20)))
     await upstream.wait_for(lambda f: sum(r.status == 400 for r in f.received) >= 20)
-    await _until(lambda: len(fwd.parked) == 20)
+    await until(lambda: len(fwd.parked) == 20)
     assert not fwd.failing
     await send(proxy, "good1")
     await upstream.wait_for(lambda f: "good1" in f.delivered_set, timeout=5)

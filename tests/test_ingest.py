@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.state import APP_STATE
+from tests.conftest import until
 from tests.fakejitsu import FakeJitsu
 
 EXAMPLES = json.loads((Path(__file__).parent / "data" / "jitsu_http_api_examples.json").read_text())
@@ -346,8 +347,7 @@ async def test_health_and_robots_are_answered_as_jitsu_answers_them(
     assert upstream.received == []
     task = proxy.server.app[APP_STATE].forwarder._task  # type: ignore[union-attr]
     task.cancel()
-    while not task.done():
-        await asyncio.sleep(0.01)
+    await until(task.done)
     resp = await proxy.get("/health")
     assert (resp.status, await resp.json()) == (
         503,

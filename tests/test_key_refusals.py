@@ -10,8 +10,9 @@ import json
 from typing import Any
 
 from proxy.refusals import KeyRefusals, fingerprint, route_kind
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.test_forwarding import _until, state
+from tests.test_forwarding import state
 
 WRONG = "wid:wrongSecretValue42"
 RIGHT = "kid:sUperSecretValue123"
@@ -50,7 +51,7 @@ async def test_s2s_wrong_key_is_remembered_and_answered_401_without_buffering(
     # The first is taken (the proxy cannot know yet) and refused upstream: dead-lettered.
     assert await post(proxy, "/api/s/s2s/track", WRONG, "w1") == (200, {"ok": True})
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
+    await until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
     sent = len(upstream.received)
     for mid in ("w2", "w3"):
         assert await post(proxy, "/api/s/s2s/track", WRONG, mid) == (401, {"error": MASKED})
@@ -87,14 +88,14 @@ async def test_batch_and_pixel_with_a_refused_key(proxy: Any, upstream: FakeJits
     upstream.fault = jitsu_refuses_wrong_key
     buffer = state(proxy).buffer
     assert (await post(proxy, "/v1/batch", WRONG, "v1"))[0] == 200
-    await _until(lambda: buffer.dead_rows == 1)
+    await until(lambda: buffer.dead_rows == 1)
     assert await post(proxy, "/v1/batch", WRONG, "v2") == (401, {"error": MASKED})
 
     data = base64.b64encode(json.dumps({"messageId": "p1"}).encode()).decode()
     first = await proxy.get(f"/api/px/page?writekey={WRONG}&data={data}")
     assert first.status == 200, first.headers
     assert "X-Jitsu-Error" not in first.headers, first.headers["X-Jitsu-Error"]
-    await _until(lambda: buffer.dead_rows == 2)
+    await until(lambda: buffer.dead_rows == 2)
     again = await proxy.get(
         f"/api/px/page?writekey={WRONG}&data={data}&destination_url=https://example.com/x"
     )
@@ -109,9 +110,9 @@ async def test_ttl_zero_never_remembers(make_proxy: Any, upstream: FakeJitsu) ->
     upstream.fault = jitsu_refuses_wrong_key
     assert await post(proxy, "/api/s/s2s/track", WRONG, "t1") == (200, {"ok": True})
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.dead_rows == 1)
+    await until(lambda: buffer.dead_rows == 1)
     assert await post(proxy, "/api/s/s2s/track", WRONG, "t2") == (200, {"ok": True})
-    await _until(lambda: buffer.dead_rows == 2)
+    await until(lambda: buffer.dead_rows == 2)
 
 
 def test_memory_expires_is_bounded_and_forgets() -> None:

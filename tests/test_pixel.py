@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient
 from proxy import cookies
 from proxy import envelope as env
 from proxy.state import APP_STATE
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu
-from tests.test_forwarding import _until
 
 KEY = "pxKeyId:pxSecret"
 
@@ -430,6 +430,6 @@ async def test_jitsus_redirect_to_a_non_ascii_destination_is_a_delivery(
     assert resp.status == 302
     buf = proxy.server.app[APP_STATE].buffer  # type: ignore[union-attr]
     await upstream.wait_for(lambda f: len(f.received) == 1)
-    await _until(lambda: buf.rows == 0)
+    await until(lambda: buf.rows == 0)
     assert (buf.rows, buf.dead_rows, len(upstream.received)) == (0, 0, 1)
     assert "upstream_redirect" not in logs.getvalue()

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from proxy.buffer import Buffer
 from proxy.envelope import Envelope
 from proxy.errors import BufferError_
+from tests.conftest import until
 from tests.fakejitsu import FakeJitsu
-from tests.test_forwarding import KEY, _until, state
+from tests.test_forwarding import KEY, state
 
 
 async def raw_request(
@@ -111,7 +112,7 @@ async def test_healthz_fails_when_a_loop_has_ended(
     assert (await proxy.get("/healthz")).status == 200
     task = state(proxy).buffer._writer if loop == "buffer writer" else state(proxy).forwarder._task
     task.cancel()
-    await _until(lambda: task.done())
+    await until(lambda: task.done())
     resp = await proxy.get("/healthz")
     assert resp.status == 503
     assert await resp.json() == {"status": "fail", "stopped": [loop]}
@@ -196,7 +197,7 @@ async def test_no_stored_field_can_stop_ingest_or_forwarding(
     await canary(proxy, upstream, tag)
     # Whatever was accepted leaves the buffer: delivered, or refused by upstream with a reason.
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0, timeout=10)
+    await until(lambda: buf.rows == 0, timeout=10)
     assert buf.last_error is None
 
 
@@ -218,6 +219,6 @@ async def test_a_row_whose_headers_do_not_decode_is_dead_lettered_not_a_stall(
     proxy = await make_proxy()
     await upstream.wait_for(lambda f: "b" in f.delivered_set)
     buf = state(proxy).buffer
-    await _until(lambda: buf.rows == 0 and buf.dead_rows == 1)
+    await until(lambda: buf.rows == 0 and buf.dead_rows == 1)
     (dead,) = await buf.dead_letters()
     assert dead["reason"].startswith("row cannot be sent: stored headers do not decode")

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu
 from tests.procs import ROOT, ProxyProcess
 
@@ -251,7 +252,5 @@ async def test_the_parser_worker_does_not_outlive_a_killed_proxy(
     workers = children_of(proxy.pid)
     assert workers, "no worker process was started"
     proxy.kill()
-    deadline = asyncio.get_running_loop().time() + 10
-    while any(alive(pid) for pid in workers):
-        assert asyncio.get_running_loop().time() < deadline, "the worker outlived the proxy"
-        await asyncio.sleep(0.1)
+    # Times out if the worker outlives the proxy.
+    await until(lambda: not any(alive(pid) for pid in workers), timeout=10)

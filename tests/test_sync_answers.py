@@ -7,8 +7,9 @@ import asyncio
 import time
 from typing import Any
 
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.test_forwarding import KEY, _until, state
+from tests.test_forwarding import KEY, state
 
 DESTINATIONS = [
     {
@@ -42,7 +43,7 @@ async def test_browser_gets_jitsus_device_destinations_and_the_row_is_settled_on
     status, body = await browser_event(proxy, "d1")
     assert (status, body) == (200, {"ok": True, "destinations": DESTINATIONS})
     assert rows_when_sent == [1]
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
     assert [r.message_ids for r in upstream.received] == [["d1"]]
     metrics = await (await proxy.get("/metrics")).text()
     assert 'proxy_browser_answers_total{source="upstream"} 1.0' in metrics
@@ -63,7 +64,7 @@ async def test_many_browser_events_at_once_each_get_their_answer_and_go_up_once(
     assert [a for a in answers] == [
         (200, {"ok": True, "destinations": [{"id": mid}]}) for mid in ids
     ]
-    await _until(lambda: state(proxy).buffer.rows == 0)
+    await until(lambda: state(proxy).buffer.rows == 0)
     sent = sorted(mid for r in upstream.received for mid in r.message_ids)
     assert sent == sorted(ids)
 
@@ -98,7 +99,7 @@ async def test_while_upstream_is_down_browsers_are_answered_without_waiting(
     await upstream.stop()
     status, body = await browser_event(proxy, "first")  # meets the outage: ok, kept
     assert (status, body) == (200, {"ok": True})
-    await _until(lambda: state(proxy).forwarder.failing)
+    await until(lambda: state(proxy).forwarder.failing)
     started = time.monotonic()
     answers = await asyncio.gather(*(browser_event(proxy, f"down{i}") for i in range(5)))
     waited = time.monotonic() - started
@@ -129,7 +130,7 @@ async def test_jitsus_refusal_reaches_the_browser_and_the_event_is_dead_lettered
         {"error": "event error: messageId is required"},
     )
     buffer = state(proxy).buffer
-    await _until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
+    await until(lambda: buffer.dead_rows == 1 and buffer.rows == 0)
 
 
 async def test_sync_browser_off_answers_at_the_edge(make_proxy: Any, upstream: FakeJitsu) -> None:

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.buffer import Row
 from proxy.state import APP_STATE
+from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu, Received
 
 pytestmark = pytest.mark.slow
@@ -23,14 +24,6 @@ KEY = "kid:sUperSecretValue123"
 
 class RowStalledError(AssertionError):
     """A buffered row was never sent again while upstream was healthy."""
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5) -> None:
-    async def loop() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(loop(), timeout)
 
 
 @pytest.mark.timeout(30)
