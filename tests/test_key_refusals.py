@@ -4,6 +4,7 @@ keeps nothing of its events."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -158,3 +159,30 @@ async def test_a_refusal_names_the_clients_host_never_upstreams(
     headers["Host"] = "other.example:8080"
     again = await proxy.post("/api/s/track", headers=headers, json=body)
     assert (await again.json())["error"] == MASKED.replace("127.0.0.1", "other.example")
+
+
+async def test_a_refusal_is_forgotten_once_an_event_under_the_key_gets_through(
+    proxy: Any, upstream: FakeJitsu
+) -> None:
+    """The stream was created meanwhile: an event buffered before the refusal is taken, and
+    the key is answered at the edge no more."""
+    release = asyncio.Event()
+
+    def answer(rec: Received) -> Answer | None:
+        if rec.message_ids == ["early"]:
+            return Answer(hold=release)  # taken, once Jitsu knows the key
+        return jitsu_refuses_wrong_key(rec)
+
+    upstream.fault = answer
+    assert await post(proxy, "/api/s/s2s/track", WRONG, "early") == (200, {"ok": True})
+    await upstream.wait_for(lambda f: len(f.arrived) == 1)
+    assert await post(proxy, "/api/s/s2s/track", WRONG, "refused") == (200, {"ok": True})
+    refusals = state(proxy).refusals
+    await until(lambda: len(refusals) == 1)
+    assert (await post(proxy, "/api/s/s2s/track", WRONG, "edge"))[0] == 401
+    release.set()
+    await upstream.wait_for(lambda f: "early" in f.delivered_set)
+    await until(lambda: len(refusals) == 0)
+    upstream.fault = None
+    assert await post(proxy, "/api/s/s2s/track", WRONG, "later") == (200, {"ok": True})
+    await upstream.wait_for(lambda f: "later" in f.delivered_set)

@@ -133,8 +133,14 @@ RAW = st.sampled_from(
 TEXT = st.sampled_from(["\ud800", "\udfff", "k\udcff:s", "\x00", "a\x00b", "\ufffd", "x" * 5000])
 LONG_HEADER = b"v" * 8000
 
-HEADER_FIELDS = ["X-Write-Key", "User-Agent", "Accept-Language", "Origin", "Referer", "X-IP-Policy"]
-ROUTES = ["/api/s/track", "/api/s/s2s/page", "/api/s/event", "/v1/batch", "/api/px/track"]
+HEADER_FIELDS = [
+    *("X-Write-Key", "User-Agent", "Accept-Language", "Origin", "Referer", "X-IP-Policy"),
+    *("X-Auth-Token", "api_key"),  # the Classic API's key places
+]
+ROUTES = [
+    *("/api/s/track", "/api/s/s2s/page", "/api/s/event", "/v1/batch", "/api/px/track"),
+    *("/api/v1/event", "/api.x7k", "/api/v1/s2s/events"),  # the Classic API
+]
 
 
 def event_with(field: str, value: str) -> dict[str, Any]:
@@ -156,7 +162,9 @@ def shots(draw: st.DrawFn) -> tuple[bytes, bytes]:
         name = draw(st.sampled_from(HEADER_FIELDS)).encode()
         headers[name] = draw(RAW | st.just(LONG_HEADER))
     elif where == "query":
-        name = draw(st.sampled_from([b"writekey", b"x", b"type", b"event", b"data"]))
+        name = draw(
+            st.sampled_from([b"writekey", b"x", b"type", b"event", b"data", b"token", b"p_q1"])
+        )
         value = draw(RAW)
         query = b"?" + name + b"=" + quote(value, safe="").encode()
     text = draw(TEXT)

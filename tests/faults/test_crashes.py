@@ -83,3 +83,40 @@ async def test_kill_9_during_forwarding(
         "kill -9 during forwarding", proxy, upstream, session, ledger, seed=seed
     )
     assert summary.duplicates > 0, "resends expected: the kills hit forwards in flight"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+async def test_browser_events_whose_sends_wait_on_jitsu_survive_the_process(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, how: str
+) -> None:
+    """A browser route sends its row itself, at once (upstream.sync_browser). The process dies
+    (or drains) while those sends wait on Jitsu: every event answered 2xx is delivered after
+    the restart."""
+    release = asyncio.Event()
+    upstream.fault = lambda _rec: Answer(hold=release)
+    proxy = spawn(upstream={"sync_timeout_s": 0.3}, server={"shutdown_timeout_s": 0.5})
+    proxy.start()
+    await proxy.wait_ready()
+    ids = [f"bw{i}" for i in range(20)]
+
+    async def browser(mid: str) -> tuple[int, object]:
+        async with session.post(
+            proxy.url + "/api/s/page",
+            json={"type": "page", "messageId": mid},
+            headers={"X-Write-Key": "kid:BrowserSecret1"},
+        ) as resp:
+            return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(browser(mid) for mid in ids))
+    assert answers == [(200, {"ok": True})] * len(ids)  # Jitsu late: the proxy's own answer
+    await upstream.wait_for(lambda f: {m for r in f.arrived for m in r.message_ids} >= set(ids))
+    if how == "kill -9":
+        proxy.kill()
+    else:
+        assert await proxy.terminate_async() == 0
+    upstream.fault = None
+    release.set()
+    proxy.start()
+    await proxy.wait_ready()
+    await upstream.wait_for(lambda f: set(ids) <= f.delivered_set, timeout=30)
