@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import create_app, server_options
 from proxy.config import Config, build_config
 from proxy.logs import configure_logging
+from proxy.state import APP_STATE, AppState
 from tests.fakejitsu import FakeJitsu
 from tests.procs import merge
 
@@ -86,3 +87,8 @@ async def until(predicate: Callable[[], bool], timeout: float = 15) -> None:
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(loop(), timeout)
+
+
+def state(proxy: TestClient[Any, Any]) -> AppState:
+    """The app state of a proxy built by `make_proxy`."""
+    return proxy.server.app[APP_STATE]  # type: ignore[union-attr]

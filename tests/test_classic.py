@@ -17,8 +17,7 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.auth import KeySource, WriteKey, find_classic_key
-from proxy.state import APP_STATE
-from tests.conftest import until
+from tests.conftest import state, until
 from tests.fakejitsu import Answer, FakeJitsu, Received
 
 KEY = "clsKeyId:clsSecret42"
@@ -39,10 +38,6 @@ BROWSER, S2S = "/api/v1/event", "/api/v1/s2s/event"
 
 def basic(key: str) -> str:
     return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-
-
-def state(proxy: TestClient[Any, Any]) -> Any:
-    return proxy.server.app[APP_STATE]  # type: ignore[union-attr]
 
 
 def no_key_anywhere_but_x_write_key(got: Received, key: str) -> None:

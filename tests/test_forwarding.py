@@ -9,8 +9,7 @@ from aiohttp.test_utils import TestClient
 from proxy.buffer import Row
 from proxy.forwarder import Attempt
 from proxy.retry import Outcome
-from proxy.state import APP_STATE
-from tests.conftest import until
+from tests.conftest import state, until
 from tests.fakejitsu import Answer, FakeJitsu
 
 KEY = "kid:sUperSecretValue123"
@@ -27,10 +26,6 @@ async def send(proxy: TestClient[Any, Any], message_id: str, path: str = "/api/s
     if path == "/api/s/s2s/track":
         assert answer == {"ok": True}
     return answer
-
-
-def state(proxy: TestClient[Any, Any]) -> Any:
-    return proxy.server.app[APP_STATE]  # type: ignore[union-attr]
 
 
 async def test_503_then_200_is_retried_and_delivered_once(

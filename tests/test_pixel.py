@@ -12,8 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy import cookies
 from proxy import envelope as env
-from proxy.state import APP_STATE
-from tests.conftest import until
+from tests.conftest import state, until
 from tests.fakejitsu import Answer, FakeJitsu
 
 KEY = "pxKeyId:pxSecret"
@@ -338,19 +337,15 @@ async def test_a_repeated_key_inside_the_pixel_data_is_masked_too(
     assert b"DUPSECRET77" not in base64.b64decode(got.query["data"])
 
 
-def b64(event: dict[str, Any]) -> str:
-    return base64.b64encode(json.dumps(event).encode()).decode()
-
-
 async def test_pixel_reads_destination_and_cookie_domain_from_its_event_as_jitsu_does(
     proxy: TestClient[Any, Any], upstream: FakeJitsu
 ) -> None:
     """Jitsu takes destination_url from the query, else from the event's data; cookie_domain
     only from the event (the query's is skipped when the event is built)."""
-    data = b64({"destination_url": "https://shop.example/offer", "cookie_domain": "shop.example"})
+    event = data({"destination_url": "https://shop.example/offer", "cookie_domain": "shop.example"})
     resp = await proxy.get(
         "/api/px/page",
-        params={"writekey": KEY, "data": data, "process_headers": "1"},
+        params={"writekey": KEY, "data": event, "process_headers": "1"},
         headers={"Host": "a.b.shop.example"},
         allow_redirects=False,
     )
@@ -366,16 +361,12 @@ async def test_pixel_reads_destination_and_cookie_domain_from_its_event_as_jitsu
     await upstream.wait_delivered(2)
 
 
-def state(proxy: TestClient[Any, Any]) -> Any:
-    return proxy.server.app[APP_STATE]  # type: ignore[union-attr]
-
-
 async def test_head_on_the_pixel_records_nothing(
     proxy: TestClient[Any, Any], upstream: FakeJitsu
 ) -> None:
     resp = await proxy.head("/api/px/track", params={"writekey": KEY, "event": "opened"})
     assert resp.status == 405
-    assert proxy.server.app[APP_STATE].buffer.rows == 0  # type: ignore[union-attr]
+    assert state(proxy).buffer.rows == 0  # type: ignore[union-attr]
     assert upstream.received == []
 
 
@@ -428,7 +419,7 @@ async def test_jitsus_redirect_to_a_non_ascii_destination_is_a_delivery(
         allow_redirects=False,
     )
     assert resp.status == 302
-    buf = proxy.server.app[APP_STATE].buffer  # type: ignore[union-attr]
+    buf = state(proxy).buffer  # type: ignore[union-attr]
     await upstream.wait_for(lambda f: len(f.received) == 1)
     await until(lambda: buf.rows == 0)
     assert (buf.rows, buf.dead_rows, len(upstream.received)) == (0, 0, 1)
