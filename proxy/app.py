@@ -191,6 +191,7 @@ def create_app(config: Config) -> web.Application:
         metrics=metrics,
         trusted_proxies=parse_networks(config.server.trusted_proxies),
         admin_allow=parse_networks(config.server.admin_allow),
+        drop_headers=frozenset(name.lower() for name in config.upstream.drop_headers),
         buffer=buffer,
         ip_limits=TokenBuckets(
             config.security.rate_limit.per_ip_rps, config.security.rate_limit.per_ip_burst

@@ -321,12 +321,8 @@ def _upstream_headers(
         state.config.privacy.ip_policy,
         _client_origin(request, state),
         preserve_host=state.config.upstream.preserve_host,
-        drop=_dropped_headers(state),
+        drop=state.drop_headers,
     )
-
-
-def _dropped_headers(state: AppState) -> frozenset[str]:
-    return frozenset(name.lower() for name in state.config.upstream.drop_headers)
 
 
 def _client_origin(request: web.Request, state: AppState) -> ClientOrigin:
@@ -481,7 +477,7 @@ async def pixel(request: web.Request) -> web.Response:
                     )
                 )
                 cookie_header = "; ".join(filter(None, [cookie_header, f"__eventn_id={visitor}"]))
-        if cookie_header and "cookie" not in _dropped_headers(state):
+        if cookie_header and "cookie" not in state.drop_headers:
             forward[hdrs.COOKIE] = cookie_header
         envelope = env.build_envelope(
             env.forward_path(f"/api/px/{event_type}", query), forward, b"", 1, key, "GET"

@@ -39,6 +39,8 @@ class AppState:
     public_routes: frozenset[str] = frozenset()
     # server.admin_allow, parsed.
     admin_allow: tuple[Network, ...] = ()
+    # upstream.drop_headers, lower case.
+    drop_headers: frozenset[str] = frozenset()
     draining: bool = False
 
 
