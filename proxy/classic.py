@@ -17,7 +17,7 @@ from multidict import MultiDict
 
 from proxy import envelope as env
 from proxy import routes
-from proxy.auth import CLASSIC_HEADER_KEYS, WriteKey, find_classic_key, is_classic_key_param
+from proxy.auth import find_classic_key, is_classic_key_param
 from proxy.config import Config
 from proxy.errors import IngestError
 from proxy.state import APP_STATE, BROWSER_ROUTE
@@ -62,7 +62,9 @@ async def ingest_classic(request: web.Request, *, s2s: bool) -> web.Response:
     )
     if parsed.events:
         path = env.forward_path(upstream_path, _forwarded_query(request))
-        headers = _forwarded_headers(request, key, client_ip)
+        # The key goes in X-Write-Key only: X-Auth-Token and api_key are credentials to
+        # headers.forward_headers, never forwarded (Jitsu would keep them, unmasked).
+        headers = routes._upstream_headers(request, state, key, client_ip)
         envelopes = [env.build_envelope(path, headers, raw, 1, key) for raw in parsed.events]
         stored = sum(e.stored_size for e in envelopes)
         if stored > limits.max_decompressed_bytes:
@@ -108,13 +110,6 @@ def _forwarded_query(request: web.Request) -> MultiDict[str]:
     """The query without the places a key may hide in (?writekey= goes in forward_path):
     the key travels in X-Write-Key alone, which Jitsu reads before all of them."""
     return MultiDict((k, v) for k, v in request.query.items() if not is_classic_key_param(k))
-
-
-def _forwarded_headers(request: web.Request, key: WriteKey, client_ip: str) -> dict[str, str]:
-    headers = routes._upstream_headers(request, request.app[APP_STATE], key, client_ip)
-    # Jitsu keeps request headers for functions, these two unmasked: the secret stays here.
-    drop = {name.lower() for name in CLASSIC_HEADER_KEYS}
-    return {name: value for name, value in headers.items() if name.lower() not in drop}
 
 
 async def serve_classic_script(request: web.Request) -> web.Response:

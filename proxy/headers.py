@@ -10,7 +10,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
-from proxy.auth import WriteKey
+from proxy.auth import CLASSIC_HEADER_KEYS, WriteKey
 from proxy.errors import IngestError
 
 # Hop-by-hop (RFC 9110 §7.6.1), plus every header the Connection header names: they belong to
@@ -39,7 +39,9 @@ BODY_HEADERS = frozenset(
 # (Authorization; the Classic API's X-Auth-Token and api_key, ingest/router_classic_handler.go
 # :110, which Jitsu reads only after X-Write-Key). The site's cookies are none of Jitsu's
 # business; the pixel adds Jitsu's own itself (routes.pixel).
-CREDENTIALS = frozenset({"authorization", "cookie", "x-write-key", "x-auth-token", "api_key"})
+CREDENTIALS = frozenset(
+    {"authorization", "cookie", "x-write-key", *(name.lower() for name in CLASSIC_HEADER_KEYS)}
+)
 # Set by the proxy from what it resolved: the client IP (through trusted proxies and anonymised
 # by privacy.ip_policy, so no header naming the raw address may reach the disk), the Host and
 # the scheme the client used. Host itself is upstream.url's, or the client's (preserve_host).
