@@ -564,3 +564,22 @@ def test_bad_sync_refusal_and_size_values(key: str, value: float) -> None:
     assert config_error({"upstream": {key: value}}).startswith(
         f"config key upstream.{key}: invalid value"
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ({"limits": {"max_gzip_members": 0}}, "limits.max_gzip_members"),
+        ({"limits": {"max_batch_events": 0}}, "limits.max_batch_events"),
+        ({"limits": {"max_batch_errors": -1}}, "limits.max_batch_errors"),
+        ({"limits": {"inline_parse_bytes": -1}}, "limits.inline_parse_bytes"),
+        ({"limits": {"max_parse_queue": 0}}, "limits.max_parse_queue"),
+        ({"buffer": {"max_dead_letter_bytes": 0}}, "buffer.max_dead_letter_bytes"),
+        ({"upstream": {"max_batch_bytes": 10}}, "upstream.max_batch_bytes"),
+        ({"upstream": {"retry": {"max_row_failures": 0}}}, "upstream.retry.max_row_failures"),
+        ({"script": {"max_bytes": 10}}, "script.max_bytes"),
+    ],
+)
+def test_bad_bounds_are_refused(raw: dict[str, Any], name: str) -> None:
+    """Issue 7's bounds: a value that would switch one off is a config error, not a surprise."""
+    assert config_error(raw).startswith(f"config key {name}: invalid value")
