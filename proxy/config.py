@@ -67,6 +67,9 @@ class ServerConfig:
     # Without an admin port: the client IPs (CIDRs, resolved through trusted_proxies) that may
     # read /metrics and /readyz on the public port; others get 404. Empty: anyone.
     admin_allow: list[str] = dataclasses.field(default_factory=list)
+    # Worker processes serving `port` together (SO_REUSEPORT), each with a buffer shard of its
+    # own; 0: one per CPU this process may use. 1: no supervisor, the process serves itself.
+    workers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,10 @@ class UpstreamConfig:
     preserve_host: bool = False
     # More request headers (names, any case) that never go upstream nor into the buffer.
     drop_headers: list[str] = dataclasses.field(default_factory=list)
+    # Buffered single events that Jitsu would treat alike (same key, route kind, client IP,
+    # IP policy, user agent, language and other headers) go upstream together in one /v1/batch
+    # request; false: one upstream request per buffered request.
+    coalesce: bool = True
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 
 
@@ -398,6 +405,7 @@ def _check(config: Config) -> None:
         ("server.max_header_bytes", config.server.max_header_bytes < 256),
         ("server.admin_port", not 0 <= config.server.admin_port <= 65535),
         ("server.admin_host", not config.server.admin_host),
+        ("server.workers", not 0 <= config.server.workers <= 256),
         ("upstream.url", not config.upstream.url.startswith(("http://", "https://"))),
         ("upstream.timeout_s", config.upstream.timeout_s <= 0),
         ("upstream.concurrency", config.upstream.concurrency < 1),
