@@ -8,22 +8,26 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
 
-from proxy import __version__, deadletters, salvage
+from proxy import __version__, deadletters, salvage, supervisor
 from proxy.app import create_app, server_options
 from proxy.auth import key_id, mask_key
 from proxy.buffer import DeadLetterFilter
 from proxy.config import Config, load_config
 from proxy.errors import BufferError_, ConfigError, ProxyError, UsageError
+from proxy.fleet import Worker
 from proxy.logs import configure_logging
+from proxy.shards import worker_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     upstream = urlsplit(config.upstream.url)
     server = config.server
+    count = worker_count(server.workers)
     log.info(
         "proxy_starting",
         version=__version__,
@@ -85,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         admin=f"{server.admin_host}:{server.admin_port}" if server.admin_port else "",
         upstream=f"{upstream.scheme}://{upstream.hostname}:{upstream.port or ''}".rstrip(":"),
         buffer=config.buffer.path,
+        workers=count,
     )
+    if count > 1:
+        return _supervise(config, count, log)
     try:
         # One app on both listeners; the app tells them apart by the port a request came in on.
         admin = [_listen(server.admin_host, server.admin_port)] if server.admin_port else []
@@ -94,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             host=server.host,
             port=server.port,
             sock=admin,
-            shutdown_timeout=server.shutdown_timeout_s,
-            access_log=None,
-            print=None,
             loop=_event_loop(),
-            **server_options(config),
+            **_run_options(config),
         )
     except BufferError_ as exc:
         log.error("buffer_unusable", error=str(exc))
@@ -108,6 +113,76 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("proxy_stopped")
     return 0
+
+
+def _run_options(config: Config) -> dict[str, Any]:
+    return {
+        "shutdown_timeout": config.server.shutdown_timeout_s,
+        "access_log": None,
+        "print": None,
+        **server_options(config),
+    }
+
+
+def _supervise(config: Config, count: int, log: structlog.typing.FilteringBoundLogger) -> int:
+    server = config.server
+    try:
+        sockets = [
+            [
+                supervisor.listen(server.host, server.port),
+                *(
+                    [supervisor.listen(server.admin_host, server.admin_port)]
+                    if server.admin_port
+                    else []
+                ),
+            ]
+            for _ in range(count)
+        ]
+    except OSError as exc:
+        log.error("listen_failed", error=str(exc))
+        return 1
+
+    def serve(worker: Worker, socks: list[socket.socket], ready: Callable[[], None]) -> int:
+        return _serve_worker(config, worker, socks, ready)
+
+    code = supervisor.Supervisor(config, count, sockets, serve).run()
+    log.info("proxy_stopped", exit_code=code)
+    return code
+
+
+def _serve_worker(
+    config: Config, worker: Worker, socks: list[socket.socket], ready: Callable[[], None]
+) -> int:
+    """One worker process: the app on its own sockets of the port's SO_REUSEPORT group."""
+    log = structlog.get_logger("proxy")
+    app = create_app(config, worker)
+
+    async def _started(_app: web.Application) -> None:
+        ready()
+
+    app.on_startup.append(_started)
+    loop = _event_loop()
+    _drain_on_first_signal(loop)
+    try:
+        web.run_app(app, sock=socks, loop=loop, handle_signals=False, **_run_options(config))
+    except BufferError_ as exc:
+        log.error("buffer_unusable", error=str(exc))
+        return 1
+    log.info("worker_drained")
+    return 0
+
+
+def _drain_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
+    """SIGTERM (from the supervisor) or SIGINT (a terminal's Ctrl-C reaches the whole group):
+    the first starts the drain, later ones must not cut it short."""
+
+    def first() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: None)
+        raise web.GracefulExit()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, first)
 
 
 class _Parser(argparse.ArgumentParser):

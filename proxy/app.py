@@ -6,6 +6,8 @@ sits between; the forwarder starts last and stops first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import os
 import time
@@ -17,7 +19,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from proxy import classic, routes
+from proxy import classic, fleet, ops, routes
 from proxy.buffer import Buffer
 from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
@@ -25,6 +27,7 @@ from proxy.errors import (
     BufferClosedError,
     BufferError_,
     BufferFullError,
+    BufferLockedError,
     IngestError,
     OverloadedError,
     RateLimitedError,
@@ -35,7 +38,8 @@ from proxy.offload import Offload
 from proxy.ratelimit import TokenBuckets
 from proxy.refusals import KeyRefusals
 from proxy.script import ScriptCache, ScriptUnavailableError
-from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
+from proxy.shards import adopted_by, shard_dir
+from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, Adoption, AppState
 
 log = structlog.get_logger("proxy.access")
 
@@ -180,12 +184,22 @@ def server_options(config: Config) -> dict[str, Any]:
     }
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Application:
+    """The proxy's app; `worker`: which of several worker processes this is (None: the only
+    one). Each worker sends from a shard of its own and takes a share of buffer.max_bytes."""
     # Bodies are read and capped by the handlers themselves; aiohttp's own cap must not be lower.
     client_max = config.limits.max_request_bytes + 1
     app = web.Application(middlewares=[edge_middleware], client_max_size=client_max)
     metrics = Metrics()
-    buffer = Buffer.from_config(config.buffer)
+    base = Path(config.buffer.path).absolute()
+    index, count = (worker.index, worker.count) if worker is not None else (0, 1)
+    buffer = Buffer.from_config(
+        config.buffer,
+        shard_dir(base, index),
+        max_bytes=config.buffer.max_bytes // count,
+        # A restarted worker's predecessor may still be draining the shard.
+        lock_wait_s=config.server.shutdown_timeout_s + 5 if worker is not None else 0.0,
+    )
     state = AppState(
         config=config,
         metrics=metrics,
@@ -201,22 +215,37 @@ def create_app(config: Config) -> web.Application:
         ),
         offload=Offload(config.limits.inline_parse_bytes, config.limits.max_parse_queue),
         refusals=KeyRefusals(config.upstream.key_refusal_ttl_s),
+        buffer_base=base,
+        fleet=fleet.Fleet(base, worker) if worker is not None and count > 1 else None,
+        orphans=adopted_by(base, index, count),
     )
     app[APP_STATE] = state
     metrics.gauges(
         {
-            "proxy_buffer_rows": ("Upstream requests waiting in the buffer", lambda: buffer.rows),
-            "proxy_buffer_events": ("Events waiting in the buffer", lambda: buffer.events),
-            "proxy_buffer_bytes": ("Bytes waiting in the buffer", lambda: buffer.bytes),
+            "proxy_buffer_rows": (
+                "Upstream requests waiting in the buffer",
+                lambda: sum(b.rows for b in state.buffers()),
+            ),
+            "proxy_buffer_events": (
+                "Events waiting in the buffer",
+                lambda: sum(b.events for b in state.buffers()),
+            ),
+            "proxy_buffer_bytes": (
+                "Bytes waiting in the buffer",
+                lambda: sum(b.bytes for b in state.buffers()),
+            ),
             "proxy_buffer_max_bytes": ("Configured buffer bound", lambda: buffer.max_bytes),
             "proxy_buffer_writable": (
                 "1 while the buffer accepts writes",
                 lambda: float(buffer.writable),
             ),
-            "proxy_dead_letter_rows": ("Rows in the dead-letter store", lambda: buffer.dead_rows),
+            "proxy_dead_letter_rows": (
+                "Rows in the dead-letter store",
+                lambda: sum(b.dead_rows for b in state.buffers()),
+            ),
             "proxy_buffer_quarantined": (
                 "Corrupt buffer files moved aside since start",
-                lambda: len(buffer.quarantined),
+                lambda: sum(len(b.quarantined) for b in state.buffers()),
             ),
             "proxy_upstream_up": (
                 "0 while upstream is failing",
@@ -253,6 +282,7 @@ def create_app(config: Config) -> web.Application:
         }
     )
     state.public_routes = routes.add_routes(app, config) | classic.add_routes(app, config)
+    ops.add_routes(app, config)
     if routes.public_routes(config)[0]:
         state.script = ScriptCache(
             origin=config.script.origin or config.upstream.url.rstrip("/") + "/p.js",
@@ -275,7 +305,9 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_buffer_ctx)
     app.cleanup_ctx.append(_offload_ctx)
     app.cleanup_ctx.append(_script_ctx)
+    app.cleanup_ctx.append(_fleet_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
+    app.cleanup_ctx.append(_adoption_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
 
@@ -306,10 +338,12 @@ async def _script_ctx(app: web.Application) -> AsyncIterator[None]:
             await script.stop()
 
 
-async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
-    state = app[APP_STATE]
+@contextlib.asynccontextmanager
+async def _forwarding(state: AppState, buffer: Buffer) -> AsyncIterator[Forwarder]:
+    """A forwarder sending from `buffer`, with an upstream session of its own, running while
+    the block runs and stopped gracefully after it."""
     config = state.config
-    forwarder = Forwarder(state.buffer, config.upstream, state.metrics, state.refusals)
+    forwarder = Forwarder(buffer, config.upstream, state.metrics, state.refusals)
     # Rows sent at once for waiting browsers must not queue behind the backlog for a socket.
     sync = config.upstream.sync_max_in_flight if config.upstream.sync_browser else 0
     async with aiohttp.ClientSession(
@@ -323,10 +357,103 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         # Accept-Encoding would be stored there too, as if the visitor had sent them.
         skip_auto_headers=[hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING],
     ) as session:
-        state.forwarder = forwarder
         forwarder.start(session)
+        try:
+            yield forwarder
+        finally:
+            await forwarder.stop(grace_s=config.server.shutdown_timeout_s)
+
+
+async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[APP_STATE]
+    async with _forwarding(state, state.buffer) as forwarder:
+        state.forwarder = forwarder
         yield
-        await forwarder.stop(grace_s=config.server.shutdown_timeout_s)
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Publish this worker's status and metrics for the others, every second and at the end."""
+    state = app[APP_STATE]
+    view = state.fleet
+    if view is None:
+        yield
+        return
+    view.take_over()
+
+    def publish() -> None:
+        try:
+            view.publish(ops.worker_status(state), fleet.families(state.metrics.registry))
+        except OSError as exc:
+            log.warning("worker_report_failed", error=str(exc))
+
+    async def loop() -> None:
+        while True:
+            publish()
+            await asyncio.sleep(fleet.PUBLISH_EVERY_S)
+
+    task = asyncio.create_task(loop(), name="fleet-report")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    publish()
+
+
+async def _adoption_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Drain the shards of workers that no longer exist (fewer workers than last time)."""
+    state = app[APP_STATE]
+    tasks = [
+        asyncio.create_task(_drain_orphan(state, path), name=f"adopt-{path.name}")
+        for path in state.orphans
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# How often an adopted shard is checked for being empty, or its lock tried again.
+ADOPTION_POLL_S = 1.0
+
+
+async def _drain_orphan(state: AppState, path: Path) -> None:
+    """Send everything left in another worker's shard, then close it. Its dead letters stay
+    there, where the dead-letter tool finds them."""
+    config = state.config
+    name = str(path.relative_to(state.buffer_base))
+    buffer = Buffer.from_config(config.buffer, path)
+    while True:
+        try:
+            await buffer.open()
+            break
+        except BufferLockedError:
+            # Its old worker is still draining it: try again later.
+            await asyncio.sleep(ADOPTION_POLL_S)
+        except BufferError_ as exc:
+            log.error("shard_unusable", shard=name, error=relative(str(exc), state))
+            return
+    adoption = Adoption(buffer)
+    try:
+        if buffer.rows:
+            log.info("shard_adopted", shard=name, rows=buffer.rows, events=buffer.events)
+            state.adopted.append(adoption)
+            async with _forwarding(state, buffer) as forwarder:
+                adoption.forwarder = forwarder
+                while True:
+                    if not (buffer.rows or forwarder.inflight):
+                        break
+                    await asyncio.sleep(ADOPTION_POLL_S)
+            log.info("shard_drained", shard=name, dead_letter_rows=buffer.dead_rows)
+    finally:
+        if adoption in state.adopted:
+            state.adopted.remove(adoption)
+        await buffer.close()
+
+
+def relative(text: str, state: AppState) -> str:
+    return ops.relative_to_buffer(text, state.buffer_base)
 
 
 async def _on_shutdown(app: web.Application) -> None:

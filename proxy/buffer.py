@@ -302,6 +302,7 @@ class Buffer:
         fsync: bool = True,
         min_free_bytes: int = 0,
         max_dead_letter_bytes: int = 1 << 62,
+        lock_wait_s: float = 0.0,
     ) -> None:
         # Absolute once, so that a later change of working directory moves nothing.
         self.dir = Path(path).absolute()
@@ -309,6 +310,9 @@ class Buffer:
         self.max_dead_letter_bytes = max_dead_letter_bytes
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
+        # How long open() waits for a lock another process holds: a worker's predecessor may
+        # still be draining the shard (its supervisor was killed).
+        self.lock_wait_s = lock_wait_s
         self.rows = 0
         self.bytes = 0
         self.events = 0
@@ -338,13 +342,22 @@ class Buffer:
         self._free_bytes = 1 << 62
 
     @classmethod
-    def from_config(cls, config: BufferConfig) -> Buffer:
+    def from_config(
+        cls,
+        config: BufferConfig,
+        path: Path | None = None,
+        *,
+        max_bytes: int | None = None,
+        lock_wait_s: float = 0.0,
+    ) -> Buffer:
+        """The buffer buffer.path configures, or the shard of it at `path`."""
         return cls(
-            config.path,
-            config.max_bytes,
+            config.path if path is None else path,
+            config.max_bytes if max_bytes is None else max_bytes,
             fsync=config.fsync,
             min_free_bytes=config.min_free_bytes,
             max_dead_letter_bytes=config.max_dead_letter_bytes,
+            lock_wait_s=lock_wait_s,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -357,7 +370,15 @@ class Buffer:
         await self.close()
 
     async def open(self) -> None:
-        self._take_lock()
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                self._take_lock()
+                break
+            except BufferLockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.1)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="buffer")
         try:
             await self._run(self._open_db)

@@ -11,6 +11,7 @@ from typing import Any
 from proxy.buffer import Buffer, DeadLetterFilter
 from proxy.config import Config
 from proxy.errors import UsageError
+from proxy.shards import stored_shards
 
 LIST_LIMIT = 1_000_000
 
@@ -49,12 +50,24 @@ def check_write_key(value: str) -> str:
 
 
 async def list_dead_letters(config: Config, selection: DeadLetterFilter) -> list[dict[str, Any]]:
-    async with Buffer.from_config(config.buffer) as buffer:
-        rows = await buffer.dead_letters(LIST_LIMIT, selection)
-    # Never the body or headers: they carry the events and the write key.
-    return [{k: v for k, v in row.items() if k != "body"} for row in rows]
+    """Every shard's dead letters (with several workers, each keeps its own), oldest shard
+    first, each row naming its shard relative to buffer.path ("." for the first)."""
+    base, shards = stored_shards(config.buffer.path)
+    found: list[dict[str, Any]] = []
+    for path in shards:
+        async with Buffer.from_config(config.buffer, path) as buffer:
+            rows = await buffer.dead_letters(LIST_LIMIT - len(found), selection)
+        # Never the body or headers: they carry the events and the write key.
+        shard = str(path.relative_to(base)) if path != base else "."
+        found += [{**{k: v for k, v in row.items() if k != "body"}, "shard": shard} for row in rows]
+    return found
 
 
 async def replay(config: Config, selection: DeadLetterFilter, write_key: str | None = None) -> int:
-    async with Buffer.from_config(config.buffer) as buffer:
-        return await buffer.requeue_dead_letters(selection, write_key=write_key)
+    """Back into the send queue of the shard each dead letter is in."""
+    _base, shards = stored_shards(config.buffer.path)
+    moved = 0
+    for path in shards:
+        async with Buffer.from_config(config.buffer, path) as buffer:
+            moved += await buffer.requeue_dead_letters(selection, write_key=write_key)
+    return moved

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
-import re
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -26,7 +23,6 @@ from proxy.clientip import anonymize, is_trusted, resolve_client_ip
 from proxy.config import Config
 from proxy.errors import BufferError_, IngestError, OverloadedError, RateLimitedError
 from proxy.headers import MAX_UPSTREAM_HEADER_BYTES, ClientOrigin, forward_headers, header_bytes
-from proxy.metrics import CONTENT_TYPE
 from proxy.refusals import CLIENT_DOMAIN, fingerprint
 from proxy.script import ScriptCache, etag_matches
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
@@ -342,91 +338,6 @@ def _client_origin(request: web.Request, state: AppState) -> ClientOrigin:
     return ClientOrigin(host, proto)
 
 
-def _stopped_loops(state: AppState) -> list[str]:
-    stopped = []
-    if not state.buffer.alive:
-        stopped.append("buffer writer")
-    if state.forwarder is not None and not state.forwarder.alive:
-        stopped.append("forwarder")
-    return stopped
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Alive means the loops that keep events moving run: the buffer's writer and the
-    forwarder. If either ended (the log says why), an orchestrator should restart us."""
-    stopped = _stopped_loops(request.app[APP_STATE])
-    if stopped:
-        return json_response({"status": "fail", "stopped": stopped}, status=503)
-    return json_response({"status": "pass"})
-
-
-async def jitsu_health(request: web.Request) -> web.Response:
-    """GET /health, in Jitsu's shape (ingest's Health handler), for checks written for Jitsu."""
-    stopped = _stopped_loops(request.app[APP_STATE])
-    if stopped:
-        return json_response(
-            {"status": "fail", "output": ", ".join(stopped) + " stopped"}, status=503
-        )
-    return json_response({"status": "pass"})
-
-
-async def robots(request: web.Request) -> web.Response:
-    """GET /robots.txt as Jitsu answers it: nothing here is for crawlers."""
-    return web.Response(text="User-agent: *\nDisallow: /\n")
-
-
-def relative_to_buffer(text: str, buffer_dir: Path) -> str:
-    """`text` with the buffer directory's absolute path taken out, so that files in it are
-    named relative to buffer.path: an answer must not map the host's filesystem (issue 7,
-    finding 11c)."""
-    # The directory itself becomes "."; a longer name that merely starts alike is left.
-    return re.sub(
-        re.escape(os.path.abspath(buffer_dir)) + r"(/|(?![^\s'\":;,)\]]))",
-        lambda m: "" if m.group(1) else ".",
-        text,
-    )
-
-
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[APP_STATE]
-    buf = state.buffer
-    quarantined = [
-        {
-            "path": str(Path(moved["path"]).relative_to(buf.dir)),
-            "reason": relative_to_buffer(moved["reason"], buf.dir),
-        }
-        for moved in buf.quarantined
-    ]
-    ready = buf.writable and not state.draining
-    # "warn": serving, but something needs a person (a corrupt buffer was moved aside).
-    status = "fail" if not ready else "warn" if buf.quarantined else "pass"
-    body: dict[str, Any] = {
-        "status": status,
-        "buffer": {
-            "writable": buf.writable,
-            "rows": buf.rows,
-            "events": buf.events,
-            "bytes": buf.bytes,
-            "max_bytes": buf.max_bytes,
-            "dead_letter_rows": buf.dead_rows,
-            "fsync": buf.fsync,
-            "sqlite": buf.sqlite_settings,
-            "last_error": buf.last_error and relative_to_buffer(buf.last_error, buf.dir),
-            "quarantined": quarantined,
-        },
-        "draining": state.draining,
-    }
-    if state.forwarder is not None:
-        body["upstream"] = state.forwarder.state()
-    return json_response(body, status=200 if ready else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[APP_STATE].metrics.render(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE}
-    )
-
-
 async def pixel(request: web.Request) -> web.Response:
     """GET /api/px/{type}: the tracking pixel, answered at the edge with the GIF (errors ride in
     X-Jitsu-Error, as in Jitsu); the event is buffered and forwarded like the others, to
@@ -656,12 +567,6 @@ def add_routes(app: web.Application, config: Config) -> frozenset[str]:
     for path in id_paths:
         app.router.add_get(path, visitor_id)
         app.router.add_route("OPTIONS", path, preflight)
-    if config.routes.jitsu_paths:
-        app.router.add_get("/health", jitsu_health)
-        app.router.add_get("/robots.txt", robots)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     return frozenset(
         [*scripts, *batches, *(path for path, _ in events), *pixels, *id_paths, *settings]
     )

@@ -197,7 +197,8 @@ class ScriptCache:
     def _save(self, raw: bytes, etag: str | None) -> None:
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._file.with_name(self.name + ".tmp")
+            # Each worker process keeps its own copy and writes the file: never the same tmp.
+            tmp = self._file.with_name(f".{self.name}.{os.getpid()}.tmp")
             tmp.write_bytes(raw)
             os.replace(tmp, self._file)
             self._meta.write_text(json.dumps({"etag": etag, "fetched_at": self.fetched_at}))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from proxy.clientip import Network
 from proxy.config import Config
+from proxy.fleet import Fleet
 from proxy.metrics import Metrics
 from proxy.offload import Offload
 from proxy.ratelimit import TokenBuckets
@@ -18,6 +20,14 @@ if TYPE_CHECKING:
     from proxy.buffer import Buffer
     from proxy.forwarder import Forwarder
     from proxy.script import ScriptCache
+
+
+@dataclasses.dataclass
+class Adoption:
+    """A shard of a worker that no longer exists, drained by this one."""
+
+    buffer: Buffer
+    forwarder: Forwarder | None = None
 
 
 @dataclasses.dataclass
@@ -42,6 +52,17 @@ class AppState:
     # upstream.drop_headers, lower case.
     drop_headers: frozenset[str] = frozenset()
     draining: bool = False
+    # buffer.path: this worker's shard is in it (or is it); relative paths in answers start here.
+    buffer_base: Path = Path()
+    # With several workers: the others' reports, for /metrics and /readyz totals.
+    fleet: Fleet | None = None
+    # Shards no worker owns any more that this one found at start, and those it drains now.
+    orphans: list[Path] = dataclasses.field(default_factory=list)
+    adopted: list[Adoption] = dataclasses.field(default_factory=list)
+
+    def buffers(self) -> list[Buffer]:
+        """Every buffer this process sends from: its own, then the adopted ones."""
+        return [self.buffer, *(a.buffer for a in self.adopted)]
 
 
 APP_STATE = web.AppKey("state", AppState)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,7 +18,7 @@ from proxy.config import Config, build_config
 from proxy.logs import configure_logging
 from proxy.state import APP_STATE, AppState
 from tests.fakejitsu import FakeJitsu
-from tests.procs import merge
+from tests.procs import ProxyProcess, Spawn, merge
 
 configure_logging("debug", "json", cache=False)  # the `logs` fixture reconfigures per test
 
@@ -92,3 +93,25 @@ async def until(predicate: Callable[[], bool], timeout: float = 15) -> None:
 def state(proxy: TestClient[Any, Any]) -> AppState:
     """The app state of a proxy built by `make_proxy`."""
     return proxy.server.app[APP_STATE]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, upstream: FakeJitsu) -> Iterator[Spawn]:
+    """The proxy as a child process on this test's directory; it and its workers are killed
+    at the end."""
+    procs: list[ProxyProcess] = []
+
+    def factory(**overrides: Any) -> ProxyProcess:
+        p = ProxyProcess(tmp_path, upstream.url, **overrides)
+        procs.append(p)
+        return p
+
+    yield factory
+    for p in procs:
+        p.stop()

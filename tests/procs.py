@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import aiohttp
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+KEY = "kid0000000000000000000000000000a:SecretPart0000000000000000000zz"
+SECRET = KEY.split(":")[1]
 
 
 def free_port() -> int:
@@ -41,7 +44,13 @@ class ProxyProcess:
         self.workdir = workdir
         self.port = free_port()
         config: dict[str, Any] = {
-            "server": {"host": "127.0.0.1", "port": self.port, "shutdown_timeout_s": 5},
+            # One process unless a test asks for workers: kill() then kills the whole proxy.
+            "server": {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "shutdown_timeout_s": 5,
+                "workers": 1,
+            },
             "upstream": {
                 "url": upstream_url,
                 "timeout_s": 5,
@@ -76,6 +85,8 @@ class ProxyProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environ,
+                # A group of its own, with its workers: kill_group() reaches them all.
+                start_new_session=True,
             )
 
     async def wait_ready(self, timeout: float = 15) -> None:
@@ -168,10 +179,20 @@ class ProxyProcess:
             f"{failures} consecutive upstream failures",
         )
 
+    def kill_group(self) -> None:
+        """SIGKILL to the proxy and all its workers at once."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            # Workers too, even those left draining when the supervisor went first.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.wait(10)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -188,3 +209,38 @@ class ProxyProcess:
 
 # A fixture that builds a ProxyProcess for the running test, config overrides as keywords.
 Spawn = Callable[..., ProxyProcess]
+
+
+async def post_events(
+    session: aiohttp.ClientSession, proxy: ProxyProcess, ids: list[str], concurrency: int = 16
+) -> set[str]:
+    """Send single events and batches; return the messageIds that got a 2xx."""
+    accepted: set[str] = set()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(chunk: list[str]) -> None:
+        async with sem:
+            if len(chunk) == 1:
+                url, payload = (
+                    f"{proxy.url}/api/s/s2s/track",
+                    {"type": "track", "event": "e", "messageId": chunk[0]},
+                )
+            else:
+                url, payload = (
+                    f"{proxy.url}/v1/batch",
+                    {"batch": [{"type": "track", "event": "e", "messageId": m} for m in chunk]},
+                )
+            try:
+                async with session.post(url, json=payload, headers={"X-Write-Key": KEY}) as r:
+                    if r.status == 200:
+                        accepted.update(chunk)
+            except aiohttp.ClientError:
+                pass
+
+    chunks, i = [], 0
+    while i < len(ids):
+        size = 1 if (i // 7) % 2 else 5
+        chunks.append(ids[i : i + size])
+        i += size
+    await asyncio.gather(*(one(c) for c in chunks))
+    return accepted

@@ -412,6 +412,8 @@ def test_admin_keys_from_env() -> None:
         ({"admin_port": 65536}, "config key server.admin_port: invalid value 65536"),
         ({"admin_port": 8080}, "config key server.admin_port: 8080 is server.port too"),
         ({"admin_host": ""}, "config key server.admin_host: invalid value ''"),
+        ({"workers": -1}, "config key server.workers: invalid value -1"),
+        ({"workers": 257}, "config key server.workers: invalid value 257"),
         (
             {"admin_allow": ["10.0.0.0/8", "everyone"]},
             "config key server.admin_allow[1]: 'everyone' is not an IP network",

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy import routes
+from proxy import ops
 from proxy.buffer import DB_NAME
 from tests.conftest import ProxyFactory
 from tests.fakejitsu import FakeJitsu
@@ -107,11 +107,11 @@ async def test_readyz_shows_paths_relative_to_the_buffer_directory(
 def test_error_texts_name_buffer_files_relative_to_the_buffer_directory(tmp_path: Path) -> None:
     buffer_dir = tmp_path / "buffer"
     text = f"[Errno 28] No space left on device: '{buffer_dir}/buffer.db-wal' in {buffer_dir}"
-    assert routes.relative_to_buffer(text, buffer_dir) == (
+    assert ops.relative_to_buffer(text, buffer_dir) == (
         "[Errno 28] No space left on device: 'buffer.db-wal' in ."
     )
     sibling = f"{buffer_dir}2/x"
-    assert routes.relative_to_buffer(sibling, buffer_dir) == sibling
+    assert ops.relative_to_buffer(sibling, buffer_dir) == sibling
 
 
 async def assert_not_found(resp: Any) -> None:

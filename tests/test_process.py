@@ -7,7 +7,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,65 +15,7 @@ import pytest
 
 from tests.conftest import until
 from tests.fakejitsu import Answer, FakeJitsu
-from tests.procs import ROOT, ProxyProcess
-
-KEY = "kid0000000000000000000000000000a:SecretPart0000000000000000000zz"
-SECRET = KEY.split(":")[1]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-def spawn(tmp_path: Path, upstream: FakeJitsu) -> Any:
-    procs: list[ProxyProcess] = []
-
-    def factory(**overrides: Any) -> ProxyProcess:
-        p = ProxyProcess(tmp_path, upstream.url, **overrides)
-        procs.append(p)
-        return p
-
-    yield factory
-    for p in procs:
-        p.stop()
-
-
-async def post_events(
-    session: aiohttp.ClientSession, proxy: ProxyProcess, ids: list[str], concurrency: int = 16
-) -> set[str]:
-    """Send single events and batches; return the messageIds that got a 2xx."""
-    accepted: set[str] = set()
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(chunk: list[str]) -> None:
-        async with sem:
-            if len(chunk) == 1:
-                url, payload = (
-                    f"{proxy.url}/api/s/s2s/track",
-                    {"type": "track", "event": "e", "messageId": chunk[0]},
-                )
-            else:
-                url, payload = (
-                    f"{proxy.url}/v1/batch",
-                    {"batch": [{"type": "track", "event": "e", "messageId": m} for m in chunk]},
-                )
-            try:
-                async with session.post(url, json=payload, headers={"X-Write-Key": KEY}) as r:
-                    if r.status == 200:
-                        accepted.update(chunk)
-            except aiohttp.ClientError:
-                pass
-
-    chunks, i = [], 0
-    while i < len(ids):
-        size = 1 if (i // 7) % 2 else 5
-        chunks.append(ids[i : i + size])
-        i += size
-    await asyncio.gather(*(one(c) for c in chunks))
-    return accepted
+from tests.procs import KEY, ROOT, SECRET, ProxyProcess, post_events
 
 
 @pytest.mark.timeout(120)
