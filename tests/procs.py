@@ -130,6 +130,11 @@ class ProxyProcess:
     def buffer_db(self) -> Path:
         return self.workdir / "buffer" / "buffer.db"
 
+    @property
+    def buffer_dbs(self) -> list[Path]:
+        """The buffer files of every worker's shard (with one worker, just buffer_db)."""
+        return [self.buffer_db, *sorted((self.workdir / "buffer").glob("shard-*/buffer.db"))]
+
     def rss_bytes(self) -> int | None:
         """Resident set size from /proc/<pid>/status (VmRSS), None once the process is gone."""
         try:

@@ -155,22 +155,26 @@ class BufferFile:
     dead: list[BufferRow]  # in `dead_letter`
 
 
-def read_buffer(db: Path) -> BufferFile:
-    """Read the proxy's SQLite file straight from disk; call it after the proxy stopped."""
-    conn = sqlite3.connect(db)
-    try:
-        pending = [
-            BufferRow("events", seq, bytes(body))
-            for seq, body in conn.execute("SELECT seq, body FROM events ORDER BY seq")
-        ]
-        dead = [
-            BufferRow("dead_letter", seq, bytes(body), status, reason, attempts)
-            for seq, body, status, reason, attempts in conn.execute(
-                "SELECT seq, body, status, reason, attempts FROM dead_letter ORDER BY seq"
-            )
-        ]
-    finally:
-        conn.close()
+def read_buffer(*dbs: Path) -> BufferFile:
+    """Read the proxy's SQLite files (one per worker's shard) straight from disk; call it after
+    the proxy stopped."""
+    pending: list[BufferRow] = []
+    dead: list[BufferRow] = []
+    for db in dbs:
+        conn = sqlite3.connect(db)
+        try:
+            pending += [
+                BufferRow("events", seq, bytes(body))
+                for seq, body in conn.execute("SELECT seq, body FROM events ORDER BY seq")
+            ]
+            dead += [
+                BufferRow("dead_letter", seq, bytes(body), status, reason, attempts)
+                for seq, body, status, reason, attempts in conn.execute(
+                    "SELECT seq, body, status, reason, attempts FROM dead_letter ORDER BY seq"
+                )
+            ]
+        finally:
+            conn.close()
     return BufferFile(pending, dead)
 
 
@@ -399,7 +403,7 @@ async def drain_and_check(
     assert code == 0, f"exit code {code}:\n{proxy.log_text()[-3000:]}"
     # Requests still held by the fake (hangs) end now and are recorded as not delivered.
     await upstream.stop()
-    buffer = read_buffer(proxy.buffer_db)
+    buffer = read_buffer(*proxy.buffer_dbs)
     summary = check(scenario, ledger, upstream.received, buffer, seed=seed, **expect)
     summary.assert_ok()
     return summary

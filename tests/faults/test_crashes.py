@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 
 import aiohttp
 import pytest
@@ -120,3 +122,38 @@ async def test_browser_events_whose_sends_wait_on_jitsu_survive_the_process(
     proxy.start()
     await proxy.wait_ready()
     await upstream.wait_for(lambda f: set(ids) <= f.delivered_set, timeout=30)
+
+
+@pytest.mark.timeout(180)
+async def test_kill_9_of_workers_and_of_the_whole_group(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, rng: random.Random, seed: str
+) -> None:
+    """Two workers (server.workers) under four clients that never pause: one worker dies at a
+    random moment, and the supervisor replaces it; now and then the whole group dies and is
+    started again. Every event acknowledged by either worker, in either shard, is delivered."""
+    proxy = spawn(server={"workers": 2})
+    proxy.start()
+    await proxy.wait_ready()
+    ledger = Ledger()
+    clients = Load(
+        session, proxy.url, ledger, rng, "k9w", clients=4, max_events=200_000, pause_s=0.005
+    )
+    task = clients.start()
+    for round_ in range(KILLS):
+        await asyncio.sleep(rng.uniform(0.2, 1.0))
+        if round_ % 3 == 2:
+            proxy.kill_group()
+            proxy.start()
+        else:
+            state = await proxy.wait_state(
+                session, lambda s: s["status"] == "pass", what="every worker ready"
+            )
+            os.kill(rng.choice(state["workers"])["pid"], signal.SIGKILL)
+        await proxy.wait_ready()
+    await upstream.wait_for(lambda f: len(f.delivered) >= 20)
+    clients.stop.set()
+    await task
+    assert ledger.failed > 0, "no request was cut off: the kills missed the ingest"
+    restarts = [line for line in proxy.log_lines() if line["event"] == "worker_exited"]
+    assert restarts, "no worker was restarted"
+    await drain_and_check("kill -9 of workers", proxy, upstream, session, ledger, seed=seed)
