@@ -380,11 +380,20 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     view.take_over()
 
+    failing = False
+
     def publish() -> None:
+        nonlocal failing
         try:
             view.publish(ops.worker_status(state), fleet.families(state.metrics.registry))
         except OSError as exc:
-            log.warning("worker_report_failed", error=str(exc))
+            if not failing:  # once, not every second (a full disk says so elsewhere too)
+                log.warning("worker_report_failed", error=relative(str(exc), state))
+            failing = True
+            return
+        if failing:
+            log.info("worker_report_resumed")
+        failing = False
 
     async def loop() -> None:
         while True:

@@ -125,7 +125,13 @@ class Supervisor:
         slot.restart_at = None
         slot.ready = False
         slot.started_at = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory for now: try again later
+            log.error("worker_fork_failed", worker=slot.index, error=str(exc))
+            slot.delay = min(MAX_RESTART_DELAY_S, slot.delay * 2)
+            slot.restart_at = time.monotonic() + slot.delay
+            return
         if pid == 0:  # pragma: no cover - the child; covered by the process tests
             self._child(slot)
         slot.pid = pid
