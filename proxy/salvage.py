@@ -16,6 +16,7 @@ from proxy.buffer import APPLICATION_ID, DB_NAME, Buffer, Failure, SalvagedRow
 from proxy.config import Config
 from proxy.envelope import Envelope
 from proxy.errors import BufferFullError, SalvageError
+from proxy.shards import stored_shards
 
 CHUNK = 500
 COLUMNS = {
@@ -37,7 +38,7 @@ MAX_FAILED_WINDOWS = 10_000
 class SourceFile:
     """A quarantined buffer file opened read-only; `unreadable` counts the rows lost to damage."""
 
-    def __init__(self, path: Path, live: Path) -> None:
+    def __init__(self, path: Path, live: list[Path]) -> None:
         self.path = path
         self.unreadable = 0
         self._conn = _open_source(path, live)
@@ -109,7 +110,7 @@ class SourceFile:
             self.unreadable += 1
 
 
-def _open_source(path: Path, live: Path) -> sqlite3.Connection:
+def _open_source(path: Path, live: list[Path]) -> sqlite3.Connection:
     """Fail loudly: a misspelt path or the wrong file must not end in a "done" that copied
     nothing."""
     if not path.exists():
@@ -119,8 +120,9 @@ def _open_source(path: Path, live: Path) -> sqlite3.Connection:
     if not path.is_file():
         # A FIFO or a device would block the read, or never end.
         raise SalvageError(f"{path} is not a regular file; salvage takes a buffer file")
-    if live.exists() and os.path.samefile(path, live):
-        # Its rows are already live: copying them would send every one of them twice.
+    if any(db.exists() and os.path.samefile(path, db) for db in live):
+        # Its rows are already live (in the first shard or a worker's): copying them would
+        # send every one of them twice.
         raise SalvageError(f"{path} is the live buffer itself; salvage takes a quarantined file")
     try:
         # A URI so that mode=ro holds; as_uri() escapes what a path may contain (?, #, %).
@@ -167,7 +169,8 @@ def _chunks(rows: Iterator[SalvagedRow]) -> Iterator[list[SalvagedRow]]:
 async def salvage(config: Config, source: Path) -> dict[str, Any]:
     """Copy `source` into the live buffer. The result says what was copied; with "error" in
     it, the live buffer filled up before the end, and a re-run continues from there."""
-    src = SourceFile(source, Path(config.buffer.path) / DB_NAME)
+    _base, shards = stored_shards(config.buffer.path)
+    src = SourceFile(source, [shard / DB_NAME for shard in shards])
     result: dict[str, Any] = {
         "source": str(source),
         "rows_recovered": 0,

@@ -147,6 +147,14 @@ def the_live_buffer(tmp_path: Path, real: Path) -> Path:
     return tmp_path / "live" / DB_NAME
 
 
+def a_workers_live_shard(tmp_path: Path, real: Path) -> Path:
+    """With server.workers, worker 1's shard is live too: its rows are sent by that worker."""
+    shard = tmp_path / "live" / "shard-1"
+    shard.mkdir()
+    os.replace(real, shard / DB_NAME)
+    return shard / DB_NAME
+
+
 def a_fifo(tmp_path: Path, real: Path) -> Path:
     """Reading it would block for ever (the second attack pass hung salvage on one)."""
     fifo = tmp_path / "pipe.db"
@@ -163,6 +171,7 @@ def a_fifo(tmp_path: Path, real: Path) -> Path:
         (foreign_sqlite, "not a buffer"),
         (header_gone, "not a readable SQLite"),
         (the_live_buffer, "live buffer"),
+        (a_workers_live_shard, "live buffer"),
         (a_fifo, "not a regular file"),
     ],
 )
