@@ -29,8 +29,11 @@ test-faults: $(STAMP)
 image-test:
 	bash deploy/image-test.sh
 
+# Issue 9's targets as ratios against baselines of the same run (a few minutes; loopback only;
+# installs wrk from Debian's packages when missing). `make bench BENCH_ARGS=--quick`: under a minute.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.load $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
