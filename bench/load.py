@@ -32,6 +32,7 @@ import aiohttp
 from bench import events, nginx, report, wrk
 from bench.generator import Generator, Outcome
 from bench.report import Run, Target, TargetRow
+from proxy import fleet
 from tests.procs import ROOT, ProxyProcess, free_port, merge
 
 RAW = [sys.executable, "-m", "bench.baseline", "--reuse-port", "--port"]
@@ -254,9 +255,11 @@ class Bench:
 
     async def accepted(self, proxy: ProxyProcess) -> int:
         """proxy_events_accepted_total (events committed to the buffer, all workers) once it
-        stops moving: requests in flight when the load ended are still being answered."""
+        stops moving: requests in flight when the load ended are still being answered. With
+        several workers the total adds up what each reports every PUBLISH_EVERY_S: it is only
+        still once it held over a longer span than that."""
         last = -1
-        deadline = time.perf_counter() + 5.0
+        deadline = time.perf_counter() + 10.0
         while True:
             async with self.session.get(proxy.admin_url + "/metrics") as resp:
                 text = await resp.text()
@@ -271,7 +274,7 @@ class Bench:
             if now == last or time.perf_counter() > deadline:
                 return now
             last = now
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(fleet.PUBLISH_EVERY_S * 1.5)
 
     @contextlib.asynccontextmanager
     async def running_proxy(
