@@ -284,6 +284,41 @@ class RowSettlement(Write):
         return cur.lastrowid
 
 
+@dataclasses.dataclass(frozen=True)
+class DeadRow:
+    """A row upstream refused for good, and why."""
+
+    seq: int
+    status: int | None
+    reason: str
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsSettlement(Write):
+    """Rows that went upstream in one request (single events sent together: proxy.coalesce),
+    settled in one transaction: `delivered` leave the buffer, each of `dead` becomes a dead
+    letter with its own reason. One operation for the writer, however many rows."""
+
+    kind: ClassVar[str] = "settle_rows"
+
+    delivered: tuple[int, ...] = ()
+    dead: tuple[DeadRow, ...] = ()
+
+    def apply(self, conn: sqlite3.Connection) -> Occupancy:
+        rows = size = events = dead_rows = dead_bytes = 0
+        for seq in self.delivered:
+            found = _delete_row(conn, seq)
+            if found is not None:
+                rows, size, events = rows - 1, size - found[0], events - found[1]
+        for dead in self.dead:
+            moved = _dead_letter_row(conn, dead)
+            if moved is not None:
+                rows, size, events = rows - 1, size - moved[0], events - moved[1]
+                dead_rows, dead_bytes = dead_rows + 1, dead_bytes + moved[2]
+        return Occupancy(rows, size, events, dead_rows, dead_bytes)
+
+
 @dataclasses.dataclass
 class _Op:
     kind: str  # insert | delete | dead_letter | requeue | salvage | trim_dead | Write.kind
@@ -551,26 +586,9 @@ class Buffer:
                 seqs.append(_insert_row(conn, env, now))
             return seqs
         if op.kind == "delete":
-            seq = op.args
-            row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
-            conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
-            return row
+            return _delete_row(conn, op.args)
         if op.kind == "dead_letter":
-            seq, status, reason, attempts = op.args
-            reason = reason[:MAX_REASON_CHARS]
-            row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
-            conn.execute(
-                "INSERT OR REPLACE INTO dead_letter (seq, received_at, key_id, path, headers, body,"
-                " size, events, failed_at, status, reason, attempts, method)"
-                " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?,"
-                " method"
-                " FROM events WHERE seq = ?",
-                (time.time(), status, reason, attempts, seq),
-            )
-            conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
-            if row is None:
-                return None
-            return (*row, row[0] + len(reason.encode("utf-8", "surrogatepass")))
+            return _dead_letter_row(conn, DeadRow(*op.args))
         if op.kind == "requeue":
             # Back to the send queue, at its tail, with the exact bytes first stored.
             selection, write_key = op.args
@@ -648,12 +666,19 @@ class Buffer:
             return False, exc
 
     def _fetch(
-        self, after: int, limit: int, skip: frozenset[int] = frozenset(), newest: bool = False
+        self,
+        after: int,
+        limit: int,
+        skip: frozenset[int] = frozenset(),
+        newest: bool = False,
+        max_bytes: int | None = None,
     ) -> list[Row]:
         conn = self._conn
         assert conn is not None
         columns = "seq, received_at, key_id, path, headers, body, size, events, method"
         order = "DESC" if newest else "ASC"
+        # Rows at or before `after` are not read anyway: only those past it need passing over.
+        skip = frozenset(seq for seq in skip if seq > after)
         if skip:
             # Rows in flight or parked are passed over by seq alone, bodies unread.
             seqs: list[int] = []
@@ -675,8 +700,12 @@ class Buffer:
                 f"SELECT {columns} FROM events WHERE seq > ? ORDER BY seq {order} LIMIT ?",
                 (after, limit),
             )
-        rows = []
+        rows: list[Row] = []
+        taken = 0
         for seq, at, key_id, path, headers, body, size, events, method in cur:
+            if max_bytes is not None and rows and taken + size > max_bytes:
+                break
+            taken += size
             problem = None
             try:
                 decoded = json.loads(headers)
@@ -915,13 +944,15 @@ class Buffer:
         skip: frozenset[int] = frozenset(),
         *,
         newest: bool = False,
+        max_bytes: int | None = None,
     ) -> list[Row]:
         """Up to `limit` rows after seq `after`, oldest first (`newest`: newest first),
-        passing over those in `skip`."""
+        passing over those in `skip`; with `max_bytes`, no more rows than fit in it (at
+        least one)."""
         if self._conn is None or self._executor is None:
             raise BufferClosedError("buffer is closed")
         try:
-            return await self._run(self._fetch, after, limit, skip, newest)
+            return await self._run(self._fetch, after, limit, skip, newest, max_bytes)
         except sqlite3.Error as exc:
             raise BufferError_(f"buffer read failed: {exc}") from exc
 
@@ -933,9 +964,10 @@ class Buffer:
         """Upstream refused the row for good: keep it, with why, out of the send queue."""
         await self._submit("dead_letter", (seq, status, reason, attempts))
 
-    async def settle(self, settlement: RowSettlement) -> None:
+    async def settle(self, settlement: RowSettlement | RowsSettlement) -> None:
         """Upstream took some of the row's events, refused some, and the rest go again (or
-        it was too large and is split): all of it in one transaction."""
+        it was too large and is split); or it answered for several rows sent together: all of
+        it in one transaction."""
         await self._submit(settlement.kind, settlement)
 
     async def requeue_dead_letters(
@@ -990,6 +1022,32 @@ class Buffer:
     @property
     def closing(self) -> bool:
         return self._closing
+
+
+def _delete_row(conn: sqlite3.Connection, seq: int) -> tuple[int, int] | None:
+    """Upstream took the row: it leaves. Returns its size and events, None if it was gone."""
+    row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (seq,)).fetchone()
+    conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+    return None if row is None else (row[0], row[1])
+
+
+def _dead_letter_row(conn: sqlite3.Connection, dead: DeadRow) -> tuple[int, int, int] | None:
+    """The row moves to the dead letters. Returns its size, events and what it counts against
+    buffer.max_dead_letter_bytes; None if it was gone."""
+    reason = dead.reason[:MAX_REASON_CHARS]
+    row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (dead.seq,)).fetchone()
+    conn.execute(
+        "INSERT OR REPLACE INTO dead_letter (seq, received_at, key_id, path, headers, body,"
+        " size, events, failed_at, status, reason, attempts, method)"
+        " SELECT seq, received_at, key_id, path, headers, body, size, events, ?, ?, ?, ?,"
+        " method"
+        " FROM events WHERE seq = ?",
+        (time.time(), dead.status, reason, dead.attempts, dead.seq),
+    )
+    conn.execute("DELETE FROM events WHERE seq = ?", (dead.seq,))
+    if row is None:
+        return None
+    return row[0], row[1], row[0] + len(reason.encode("utf-8", "surrogatepass"))
 
 
 def _insert_row(conn: sqlite3.Connection, env: Envelope, received_at: float) -> int:

@@ -116,8 +116,8 @@ class UpstreamConfig:
     # More request headers (names, any case) that never go upstream nor into the buffer.
     drop_headers: list[str] = dataclasses.field(default_factory=list)
     # Buffered single events that Jitsu would treat alike (same key, route kind, client IP,
-    # IP policy, user agent, language and other headers) go upstream together in one /v1/batch
-    # request; false: one upstream request per buffered request.
+    # IP policy, user agent, language and other headers) go upstream together in one batch
+    # request (proxy.coalesce); false: one upstream request per buffered request.
     coalesce: bool = True
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 

@@ -6,7 +6,14 @@ then drains the backlog. Probes take turns over the backlog, so one row that alw
 cannot pass for an outage; such a row is parked with a backoff of its own while the others go
 on, and dead-lettered after `upstream.retry.max_row_failures` lone failures (retry.RowFailures).
 Redirects are never followed: the write key goes to `upstream.url` and nowhere else.
-Nothing waits in memory but the rows in flight.
+Nothing waits in memory but the rows in flight and a bounded read-ahead of the next rows (read
+from the buffer in large steps, not one row per free slot).
+
+With `upstream.coalesce`, single events of the read-ahead that Jitsu would treat alike go as one
+batch request (proxy.coalesce says which); the request counts as one, for the concurrency and
+for the outage logic, and Jitsu's answer settles each row: taken, refused (dead-lettered as it
+would have been alone) or again. A row whose fate the batch cannot show as a request of its own
+would (a strict key lookup's refusal, a 413, an answer that names no event) is sent alone.
 
 A browser row may be sent at once instead of waiting for its turn (`answer_now`), so that the
 browser gets Jitsu's own answer, device destinations included (issue 8); it is the same row
@@ -30,7 +37,8 @@ import structlog
 from aiohttp_retry import ExponentialRetry, RetryClient
 
 from proxy.auth import redact
-from proxy.buffer import Buffer, Piece, Row, RowSettlement
+from proxy.buffer import Buffer, DeadRow, Piece, Row, RowSettlement, RowsSettlement
+from proxy.coalesce import Fate, Member, ReadAhead, Settled, Unit, member, read_answer, refusal
 from proxy.config import UpstreamConfig
 from proxy.envelope import StoredBatch, pixel_destination, read_stored_batch
 from proxy.errors import BufferError_
@@ -57,6 +65,14 @@ log = structlog.get_logger("proxy.forwarder")
 MAX_RESPONSE_BYTES = 1024 * 1024
 # A reason kept with a dead letter or logged, at most (upstream chooses its length).
 MAX_REASON = 1024
+# The read-ahead: at most this many rows, and this many bytes (or twice upstream.max_batch_bytes).
+READ_AHEAD_ROWS = 512
+READ_AHEAD_BYTES = 4 * 1024 * 1024
+# A browser row this much older than upstream.sync_timeout_s has no browser waiting on it
+# (answer_now) any more: it may go in a batch, whose answer is no browser's.
+SYNC_GRACE_S = 1.0
+# After a 413, batches are made smaller than the one refused, down to this.
+MIN_BATCH_BYTES = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +206,14 @@ class Forwarder:
         self.parked: dict[int, float] = {}
         # The last redirect upstream answered with, until a request gets through again.
         self.redirected_to: str | None = None
+        # Rows up to `cursor` were read: sent, or in the read-ahead, not yet sent.
         self.cursor = 0
         self._rewinds = 0
+        self._ahead: ReadAhead[Row] = ReadAhead()
+        self._read_ahead_bytes = max(READ_AHEAD_BYTES, 2 * config.max_batch_bytes)
+        # Rows to send alone, never in a batch again (proxy.coalesce, Fate.ALONE).
+        self._alone: set[int] = set()
+        self._batch_bytes = config.max_batch_bytes
         # Rows handed to a task and not yet settled in the buffer; `sending` of them are
         # waiting on upstream, and only those count against the concurrency.
         self.inflight: dict[int, asyncio.Task[None]] = {}
@@ -292,16 +314,24 @@ class Forwarder:
             await self._slot_freed.wait()
             return
         self._unpark_due()
-        self.buffer.new_data.clear()
-        rewinds = self._rewinds
-        rows = await self.buffer.fetch(
-            self.cursor, free, skip=frozenset(self.inflight) | frozenset(self.parked)
-        )
-        if self._rewinds != rewinds:
-            # A row failed while we read: the cursor went back for it, and moving it forward
-            # past these rows would skip that row until the next restart. Read again.
-            return
-        if not rows:
+        if not self._ahead:
+            self.buffer.new_data.clear()
+            rewinds = self._rewinds
+            rows = await self.buffer.fetch(
+                self.cursor,
+                READ_AHEAD_ROWS,
+                skip=frozenset(self.inflight) | frozenset(self.parked),
+                max_bytes=self._read_ahead_bytes,
+            )
+            if self._rewinds != rewinds:
+                # A row failed while we read: the cursor went back for it, and moving it
+                # forward past these rows would skip that row until the next restart. Again.
+                return
+            for row in rows:
+                self.cursor = max(self.cursor, row.seq)
+                if row.seq not in self.inflight:  # else sent at once for a browser meanwhile
+                    self._ahead.add(row.seq, row, self._member(row))
+        if not self._ahead:
             self._slot_freed.clear()
             waits: list[Any] = [self.buffer.new_data.wait(), self._slot_freed.wait()]
             if self.parked:
@@ -309,12 +339,30 @@ class Forwarder:
                 waits.append(asyncio.sleep(max(0.0, due)))
             await _first(*waits)
             return
-        for row in rows:
-            self.cursor = max(self.cursor, row.seq)
-            if row.seq not in self.inflight:  # else sent at once for a browser meanwhile
+        for unit in self._ahead.take(free, self._batch_bytes, _seq, self._together):
+            if unit.batch:
+                self._launch_batch(unit)
+            else:
+                row = unit.items[0][0]
                 self._launch(row, f"send-{row.seq}")
 
+    def _member(self, row: Row) -> Member | None:
+        if not self.config.coalesce or row.problem is not None:
+            return None
+        return member(row.method, row.path, row.headers, row.body, row.events)
+
+    def _together(self, row: Row) -> bool:
+        """Whether the row may go in a batch now: not one to send alone, nor a browser's that
+        a browser may still wait on (answer_now: Jitsu's answer to that event alone)."""
+        if row.seq in self._alone:
+            return False
+        if self.config.sync_browser and not row.path.startswith("/api/s/s2s/"):
+            age = time.time() - row.received_at
+            return age > self.config.sync_timeout_s + SYNC_GRACE_S
+        return True
+
     def _launch(self, row: Row, name: str, *, sync: bool = False) -> asyncio.Task[None]:
+        self._ahead.pop(row.seq)
         self.sending += 1
         self.row_failures.sent(row.seq)
         task = asyncio.create_task(self._deliver(row, sync=sync), name=name)
@@ -334,7 +382,7 @@ class Forwarder:
             waiter = self._waiters.get(row.seq)
             if waiter is None:
                 if row.seq not in self.inflight:
-                    if row.seq <= self.cursor:
+                    if row.seq <= self.cursor and row.seq not in self._ahead:
                         return None  # the loop took it and settled it already
                     if self.sync_sending >= self.config.sync_max_in_flight:
                         return None
@@ -426,16 +474,14 @@ class Forwarder:
             if verdict is None or not verdict.dead:
                 return
             attempt = dataclasses.replace(
-                attempt,
-                outcome=Outcome.REJECTED,
-                reason=f"{attempt.reason}; failed {verdict.failures} times while other"
-                " events were delivered",
+                attempt, outcome=Outcome.REJECTED, reason=_gave_up(attempt.reason, verdict)
             )
             self.row_failures.forget(row.seq)
         else:
             # Delivered or refused by Jitsu itself: either way, upstream works.
             self.row_failures.ok(row.seq)
             self._recovered()
+        self._alone.discard(row.seq)
         tries = self.attempts.pop(row.seq, 1)
         if attempt.partial is not None:
             await self._settle_events(row, attempt.partial, attempt.status, tries)
@@ -524,6 +570,158 @@ class Forwarder:
         self._rewind()  # the first half is behind the cursor now
         return True
 
+    # ---- single events sent together (upstream.coalesce) ---------------------------------
+
+    def _launch_batch(self, unit: Unit[Row]) -> None:
+        """One request for the unit's rows: a batch in the first row's name (its seq for the
+        in-request retries, the probe and the attempts), its headers (the same for all)."""
+        rows = [row for row, _ in unit.items]
+        lead = rows[0]
+        sent = dataclasses.replace(
+            lead, path=unit.members[0].batch_path, body=unit.body(), events=len(rows)
+        )
+        self.sending += 1
+        for row in rows:
+            self.row_failures.sent(row.seq)
+        task = asyncio.create_task(self._deliver_together(sent, unit), name=f"batch-{lead.seq}")
+        for row in rows:
+            self.inflight[row.seq] = task
+
+    async def _deliver_together(self, sent: Row, unit: Unit[Row]) -> None:
+        alone: list[int] = []
+        try:
+            try:
+                attempt = await self._attempt(sent, per_event=False)
+            finally:
+                self.sending -= 1
+                self._slot_freed.set()
+            alone = await self._settle_together(sent, unit, attempt)
+        except BufferError_ as exc:
+            log.error("forwarder_bookkeeping_failed", seq=sent.seq, error=str(exc))
+            self._rewind()
+        finally:
+            if alone:
+                # Back behind the cursor for a request each; no await until they leave
+                # `inflight`, so that no read of the buffer passes over them meanwhile.
+                self._alone.update(alone)
+                self._rewind()
+            for row, _ in unit.items:
+                self.inflight.pop(row.seq, None)
+                self._answered.pop(row.seq, None)
+                self._answer_waiters(row.seq, None)  # a browser late for it gets {"ok":true}
+            if self.probe_seq == sent.seq:
+                self.probe_seq = None
+            self._slot_freed.set()
+
+    async def _settle_together(self, sent: Row, unit: Unit[Row], attempt: Attempt) -> list[int]:
+        """Settle rows sent together by Jitsu's answer to their batch; returns the rows to
+        send alone. A request that failed is one failure (the outage logic, as for one row),
+        and its rows stay; refused whole (Jitsu's strict key lookup for batches, a 413), each
+        row goes alone and gets the answer Jitsu gives it alone."""
+        everyone = [row.seq for row, _ in unit.items]
+        fates: list[Settled] = []
+        if attempt.outcome is Outcome.DELIVERED:
+            payload = jitsu_json(attempt.body) if attempt.whole else None
+            if payload is None:
+                fates = [Settled(Fate.ALONE)] * len(everyone)
+            else:
+                fates = read_answer(unit.members, payload)
+            retry = [f for f in fates if f.fate is Fate.RETRY]
+            if retry and not any(f.fate in (Fate.TAKEN, Fate.REFUSED) for f in fates):
+                # Nothing taken, nothing refused: Jitsu's own trouble (say Kafka).
+                reason = f"upstream could not take {len(retry)} event(s): {retry[0].message}"
+                reason = _reason(reason, sent.headers.get("X-Write-Key"))
+                attempt = dataclasses.replace(attempt, outcome=Outcome.RETRY, reason=reason)
+        self.metrics.upstream_requests.labels(attempt.outcome.value).inc()
+        tries = self.attempts.pop(sent.seq, 1)
+        status = attempt.status
+        if attempt.outcome is Outcome.RETRY:
+            if status is not None and 400 <= status < 500 and status not in RETRY_STATUSES:
+                # Trouble with this request (an ingress's 404 for the batch route).
+                return self._refused_whole(sent, attempt, everyone)
+            verdict = self._failed(sent, attempt)
+            if verdict is not None and verdict.lone:
+                return everyone  # failing while others go through: which row, alone will say
+            return [seq for seq, f in zip(everyone, fates, strict=False) if f.fate is Fate.ALONE]
+        if status is not None:
+            self._recovered()
+        if attempt.outcome is Outcome.REJECTED:
+            if status == 413 and len(sent.body) // 2 < self._batch_bytes:
+                self._batch_bytes = max(MIN_BATCH_BYTES, len(sent.body) // 2)
+            return self._refused_whole(sent, attempt, everyone)
+        return await self._settle_fates(sent, unit, fates, status, tries)
+
+    def _refused_whole(self, sent: Row, attempt: Attempt, everyone: list[int]) -> list[int]:
+        log.info(
+            "batch_coalesced_refused",
+            seq=sent.seq,
+            events=len(everyone),
+            status=attempt.status,
+            reason=attempt.reason,
+            key_id=sent.key_id,
+            batch_bytes=self._batch_bytes,
+            then="each event alone",
+        )
+        return everyone
+
+    async def _settle_fates(
+        self, sent: Row, unit: Unit[Row], fates: list[Settled], status: int | None, tries: int
+    ) -> list[int]:
+        """Each row by its event's fate, in one transaction; returns the rows to send alone."""
+        key = sent.headers.get("X-Write-Key")
+        taken: list[int] = []
+        dead: list[DeadRow] = []
+        alone: list[int] = []
+        again: list[tuple[Row, Settled]] = []
+        for (row, m), fate in zip(unit.items, fates, strict=True):
+            assert m is not None
+            if fate.fate is Fate.TAKEN:
+                taken.append(row.seq)
+            elif fate.fate is Fate.REFUSED:
+                refused_status, reason = refusal(m, fate.message)
+                dead.append(DeadRow(row.seq, refused_status, _reason(reason, key), tries))
+            elif fate.fate is Fate.ALONE:
+                alone.append(row.seq)
+                continue
+            else:
+                again.append((row, fate))
+                continue
+            self.row_failures.ok(row.seq)
+        parked: dict[int, float] = {}
+        for row, fate in again:
+            # Others of the batch went through: a failure of this row's own (RowFailures).
+            verdict = self.row_failures.failure(row.seq)
+            reason = _reason(f"upstream could not take the event: {fate.message}", key)
+            if verdict.dead:
+                dead.append(DeadRow(row.seq, status, _gave_up(reason, verdict), tries))
+                self.row_failures.forget(row.seq)
+            else:
+                parked[row.seq] = time.monotonic() + self.backoff.delay(verdict.failures)
+        await self.buffer.settle(RowsSettlement(tuple(taken), tuple(dead)))
+        self.parked.update(parked)
+        self.metrics.events_delivered.inc(len(taken))
+        self.metrics.events_dead_lettered.inc(len(dead))
+        rows = {row.seq: row for row, _ in unit.items}
+        for letter in dead:
+            self._dead_lettered(rows[letter.seq], letter.status, letter.reason, tries, 1)
+        if taken and len(self.refusals):
+            lead = unit.items[0][0]
+            self.refusals.forget(fingerprint(key, lead.path, lead.headers))
+        if len(taken) == len(fates):
+            log.debug("batch_coalesced", seq=sent.seq, events=len(taken), attempts=tries)
+        else:
+            log.info(
+                "batch_coalesced_partially_accepted",
+                seq=sent.seq,
+                accepted=len(taken),
+                dead_lettered=len(dead),
+                retrying=len(parked),
+                alone=len(alone),
+                key_id=sent.key_id,
+                retry_reason=_reason(again[0][1].message, key) if again else None,
+            )
+        return alone
+
     def _dead_lettered(
         self, row: Row, status: int | None, reason: str, tries: int, events: int
     ) -> None:
@@ -538,13 +736,13 @@ class Forwarder:
             events=events,
         )
 
-    async def _attempt(self, row: Row) -> Attempt:
+    async def _attempt(self, row: Row, *, per_event: bool = True) -> Attempt:
         """One delivery attempt; whatever goes wrong in it is an outcome, never an escape
         that would leave the row unsettled and skipped until the next restart."""
         if row.problem is not None:
             return Attempt(Outcome.REJECTED, None, f"row cannot be sent: {row.problem}")
         try:
-            return await self._send(row)
+            return await self._send(row, per_event=per_event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -600,6 +798,7 @@ class Forwarder:
     def _rewind(self) -> None:
         self.cursor = 0
         self._rewinds += 1
+        self._ahead.clear()
 
     def _failed(self, row: Row, attempt: Attempt) -> RowVerdict | None:
         """A retryable failure: park the row if it fails alone, else upstream is failing."""
@@ -651,7 +850,8 @@ class Forwarder:
         )
         return verdict
 
-    async def _send(self, row: Row) -> Attempt:
+    async def _send(self, row: Row, *, per_event: bool = True) -> Attempt:
+        """Send the row; a 2xx is read event by event (`per_event`) unless the caller does."""
         key = row.headers.get("X-Write-Key")
         try:
             assert self.client is not None, "start() first"
@@ -717,6 +917,8 @@ class Forwarder:
                 whole=whole,
                 jitsu_error=_jitsu_error(row.method, body, jitsu_error, key),
             )
+        if not per_event:
+            return Attempt(outcome, status, reason, body=body, whole=whole)
         attempt = _per_event(row, status, body, key, whole=whole)
         return dataclasses.replace(attempt, body=body, whole=whole)
 
@@ -828,6 +1030,14 @@ def _per_event(
 
 def _reason(text: str, key: str | None) -> str:
     return redact(text, key)[:MAX_REASON]
+
+
+def _gave_up(reason: str, verdict: RowVerdict) -> str:
+    return f"{reason}; failed {verdict.failures} times while other events were delivered"
+
+
+def _seq(row: Row) -> int:
+    return row.seq
 
 
 async def _read_answer(resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:

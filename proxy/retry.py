@@ -242,7 +242,7 @@ def rejection_in_body(status: int, body: bytes) -> str | None:
 # messageIdUnsupportedChars, jitsubase/utils.ShortenString), or a fresh uuid when the event
 # has no string messageId.
 _UNSUPPORTED_ID_CHARS = re.compile(r"[^a-zA-Z0-9._-]")
-_BATCH_ERROR = re.compile(r"Message ID: ([a-zA-Z0-9._-]+): (.*)", re.DOTALL)
+BATCH_ERROR = re.compile(r"Message ID: ([a-zA-Z0-9._-]+): (.*)", re.DOTALL)
 MAX_MESSAGE_ID_CHARS = 64
 
 
@@ -310,7 +310,7 @@ def read_batch_answer(
     named: dict[str, list[str]] = {}
     stray: list[str] = []  # errors that name no event this proxy can tell
     for error in errors:
-        match = _BATCH_ERROR.fullmatch(error) if isinstance(error, str) else None
+        match = BATCH_ERROR.fullmatch(error) if isinstance(error, str) else None
         if match is None:
             stray.append(str(error))
         else:
@@ -334,7 +334,7 @@ def read_batch_answer(
         if len(messages) > len(indices):
             stray.extend(f"Message ID: {jid}: {m}" for m in messages)
     # Stray errors all in Jitsu's form name ids Jitsu made up for events without one.
-    pinned = all(_BATCH_ERROR.fullmatch(error) for error in stray)
+    pinned = all(BATCH_ERROR.fullmatch(error) for error in stray)
     stray = [error for error in stray if not _harmless(error)]
     if stray:
         own_ids = [i for i, jid in enumerate(ids) if jid is None and verdicts[i] is None]
@@ -350,7 +350,7 @@ def read_batch_answer(
 
 
 def _harmless(error: str) -> bool:
-    match = _BATCH_ERROR.fullmatch(error)
+    match = BATCH_ERROR.fullmatch(error)
     return match is not None and classify_event_error(match[2]) is EventFate.ACCEPTED
 
 

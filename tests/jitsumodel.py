@@ -6,9 +6,10 @@ finds the stream by write key, slug, domain or as the sole stream (router.go get
 the event (patchEvent, patchClassicEvent), builds the ingest message with the request headers
 Jitsu keeps for functions (buildIngestMessage) and answers with Jitsu's statuses and bodies,
 device destinations included (processSyncDestination). Each accepted event is kept in `stored`
-as the ingest message Jitsu would produce to Kafka. Not modelled: key hashes (secrets are
-compared as they are), throttling, backups, device functions (rotor), in-batch deduplication,
-the pixel's process_headers, message size limits.
+as the ingest message Jitsu would produce to Kafka. In-batch deduplication runs for a stream
+with `dedup_window_ms` (fmt.Sprint of a field approximated by its JSON). Not modelled: key
+hashes (secrets are compared as they are), throttling, backups, device functions (rotor), the
+pixel's process_headers, message size limits.
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ class Stream:
     name: str = ""
     workspace_id: str = "ws-model"
     destinations: list[Destination] = dataclasses.field(default_factory=lambda: [warehouse()])
+    # deduplicateWindowMs: > 0 turns on the batch handler's in-batch deduplication.
+    dedup_window_ms: int = 0
 
     @property
     def sync_destinations(self) -> list[Destination]:
@@ -635,7 +638,10 @@ class JitsuModel:
             if stream is None:
                 raise JitsuError(401, "stream not found", f"for: {loc}")
             ok_events, errors, stored = 0, [], []
-            for event in payload.get("batch") or []:
+            batch = payload.get("batch") or []
+            if stream.dedup_window_ms > 0:
+                batch = deduplicate_batch(batch, stream.dedup_window_ms)
+            for event in batch:
                 message_id = _message_id(event.get("messageId"))
                 ingest, error = self._ingest_message(
                     request,
@@ -657,10 +663,13 @@ class JitsuModel:
             await self._record(stored)
             received = len(payload.get("batch") or [])
             answer: dict[str, Any] = {
-                "ok": ok_events == received and not errors,
+                "ok": ok_events == len(batch) and not errors,
                 "receivedEvents": received,
                 "okEvents": ok_events,
             }
+            if len(batch) < received:
+                answer["deduplicatedEvents"] = received - len(batch)
+                answer["processedEvents"] = len(batch)
             if errors:
                 answer["errors"] = errors
             return _json(answer)
@@ -838,6 +847,43 @@ def _batch_payload(body: bytes) -> dict[str, Any]:
     if value.get("context") is not None and not isinstance(value["context"], dict):
         raise ValueError("context must be an object")
     return value
+
+
+def deduplicate_batch(batch: list[dict[str, Any]], gap_ms: int) -> list[dict[str, Any]]:
+    """router_batch_handler.go deduplicateBatch: an event with the same anonymousId, userId,
+    type, event, properties and traits as one kept before it, and a timestamp at most `gap_ms`
+    from that one's, is dropped; an event without a timestamp Go can parse is always kept."""
+    seen: dict[tuple[str, ...], datetime.datetime] = {}
+    kept = []
+    for event in batch:
+        try:
+            stamp = datetime.datetime.fromisoformat(_get_s(event, "timestamp"))
+        except ValueError:
+            kept.append(event)
+            continue
+        key = (
+            _get_s(event, "anonymousId"),
+            _get_s(event, "userId"),
+            _get_s(event, "type"),
+            _get_s(event, "event"),
+            *(_sprint(event, name) for name in ("properties", "traits")),
+        )
+        before = seen.get(key)
+        if before is not None and abs((stamp - before).total_seconds()) * 1000 <= gap_ms:
+            continue
+        seen[key] = stamp
+        kept.append(event)
+    return kept
+
+
+def _sprint(event: dict[str, Any], name: str) -> str:
+    """fmt.Sprint of a field, "" when absent; an object prints as its JSON (OrderedMap.String)."""
+    if name not in event:
+        return ""
+    value = event[name]
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return str(value)
 
 
 def kept_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> dict[str, str]:

@@ -214,3 +214,17 @@ async def test_a_version_2_buffer_gets_the_salvage_ledger_and_keeps_its_rows(
     with sqlite3.connect(tmp_path / DB_NAME) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("SELECT count(*) FROM salvaged").fetchone() == (0,)
+
+
+async def test_fetch_takes_as_many_rows_as_fit_in_max_bytes(tmp_path: Path) -> None:
+    buf = Buffer(tmp_path, 10_000_000)
+    await buf.open()
+    await buf.append([envelope(i) for i in range(10)])
+    size = envelope(0).stored_size
+    assert [r.seq for r in await buf.fetch(0, 100, max_bytes=3 * size)] == [1, 2, 3]
+    assert [r.seq for r in await buf.fetch(0, 100, max_bytes=1)] == [1]  # one, however large
+    # Rows passed over (in flight) at or before `after` cost nothing; past it, they are skipped.
+    skip = frozenset({1, 2, 5})
+    rows = await buf.fetch(2, 100, skip, max_bytes=3 * size)
+    assert [r.seq for r in rows] == [3, 4, 6]
+    await buf.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.envelope import read_stored_batch
 from tests.fakejitsu import FakeJitsu, Received
 from tests.procs import ProxyProcess
 
@@ -189,6 +190,14 @@ def body_message_ids(body: bytes) -> list[str]:
     return [str(e.get("messageId")) for e in body_events(body)]
 
 
+def event_bytes(body: bytes) -> list[tuple[str, bytes]]:
+    """Each event of a request body, by messageId, with its own bytes."""
+    stored = read_stored_batch(body)
+    if stored is None:
+        return [(str(e.get("messageId")), body) for e in body_events(body)]
+    return [(str(mid), raw) for mid, raw in zip(stored.message_ids, stored.events, strict=True)]
+
+
 # ---- the check -----------------------------------------------------------------------------
 
 
@@ -253,8 +262,9 @@ def check(
     expect = set(expect_dead)
 
     delivered_count: collections.Counter[str] = collections.Counter()
-    # messageId -> every distinct body that carried it: upstream requests of any status, and
-    # the rows still in the file. One id, one body: a resend is the row sent again, whole.
+    # messageId -> every distinct form of the event: in upstream requests of any status, and
+    # in the rows still in the file. One id, one form: a resend may carry the event alone or
+    # in another batch (coalesced with others, split after a 413), never altered.
     bodies: dict[str, set[bytes]] = collections.defaultdict(set)
     for rec in upstream:
         try:
@@ -263,9 +273,10 @@ def check(
             if rec.status:  # status 0: cut off mid-body, never a request upstream could take
                 violations.append(f"upstream answered a body that is not JSON: {rec.body[:80]!r}")
             continue
+        for mid, raw in event_bytes(rec.body):
+            bodies[mid].add(raw)
         for event in events:
             mid = str(event.get("messageId"))
-            bodies[mid].add(rec.body)
             if 200 <= rec.status < 300:
                 delivered_count[mid] += 1
             _check_content(mid, event, ledger, violations)
@@ -274,8 +285,8 @@ def check(
     for row in buffer.dead:
         ids = row.message_ids
         dead.update(ids)
-        for mid in ids:
-            bodies[mid].add(row.body)
+        for mid, raw in event_bytes(row.body):
+            bodies[mid].add(raw)
         if not row.reason or not row.attempts:
             violations.append(f"dead letter {row.seq} has no reason or attempts: {row}")
     pending = {mid for row in buffer.pending for mid in row.message_ids}
@@ -288,7 +299,7 @@ def check(
         violations.append(f"{len(lost)} accepted event(s) lost: {sorted(lost)[:20]}")
     for mid, seen in sorted(bodies.items()):
         if len(seen) > 1:
-            violations.append(f"{mid} reached upstream in {len(seen)} different bodies")
+            violations.append(f"{mid} reached upstream in {len(seen)} different forms")
     unknown = (delivered | dead | pending) - set(ledger.sent)
     if unknown:
         violations.append(f"{len(unknown)} event(s) no client sent: {sorted(unknown)[:20]}")
@@ -329,16 +340,17 @@ def _check_content(mid: str, event: dict[str, Any], ledger: Ledger, violations: 
         violations.append(f"{mid} arrived altered in {changed}")
 
 
-def first_delivery_order(upstream: Sequence[Received]) -> list[str]:
-    """The first messageId of each row, in the order upstream first took (2xx) the row."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for rec in sorted((r for r in upstream if 200 <= r.status < 300), key=lambda r: r.at):
-        head = rec.message_ids[0]
-        if head not in seen:
-            seen.add(head)
-            order.append(head)
-    return order
+def first_delivery_order(upstream: Sequence[Received], rows: list[list[str]]) -> list[str]:
+    """The first messageId of each of `rows` (buffer rows: their events' ids), in the order
+    upstream first took (2xx) one of its events, alone or in a batch with other rows."""
+    taken: dict[str, int] = {}
+    for n, rec in enumerate(
+        sorted((r for r in upstream if 200 <= r.status < 300), key=lambda r: r.at)
+    ):
+        for mid in rec.message_ids:
+            taken.setdefault(mid, n)
+    firsts = [(min(taken.get(m, 1 << 30) for m in ids), i) for i, ids in enumerate(rows)]
+    return [rows[i][0] for _, i in sorted(firsts)]
 
 
 def max_displacement(accepted_rows: list[list[str]], delivered_heads: list[str]) -> int:

@@ -85,6 +85,8 @@ async def test_kill_9_during_forwarding(
         "kill -9 during forwarding", proxy, upstream, session, ledger, seed=seed
     )
     assert summary.duplicates > 0, "resends expected: the kills hit forwards in flight"
+    # The backlog's single events went coalesced (upstream.coalesce), kills and all.
+    assert any(r.path == "/api/s/s2s/batch" for r in upstream.received)
 
 
 @pytest.mark.timeout(90)

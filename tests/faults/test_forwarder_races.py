@@ -58,8 +58,10 @@ async def test_row_that_fails_during_a_buffer_read_is_sent_again(
     reading = asyncio.Event()
     real_fetch = buffer.fetch
 
-    async def slow_fetch(after: int, limit: int, skip: frozenset[int] = frozenset()) -> list[Row]:
-        rows = await real_fetch(after, limit, skip)
+    async def slow_fetch(
+        after: int, limit: int, skip: frozenset[int] = frozenset(), **kw: Any
+    ) -> list[Row]:
+        rows = await real_fetch(after, limit, skip, **kw)
         if not gate.is_set():
             reading.set()
             await gate.wait()
