@@ -319,11 +319,13 @@ def read_answer(members: Sequence[Member], answer: Mapping[str, object]) -> list
     taken = Settled(Fate.TAKEN)
     fates = [taken] * len(members)
     errors = answer.get("errors")
-    if not isinstance(errors, list) or not errors:
+    alone = [Settled(Fate.ALONE, "upstream's answer does not describe the batch")] * len(members)
+    if errors is not None and not isinstance(errors, list):
+        return alone  # Jitsu lists its errors or leaves the key out
+    if not errors:
         return fates
     received = answer.get("receivedEvents")
     index = {m.jitsu_id: i for i, m in enumerate(members)}
-    alone = [Settled(Fate.ALONE, "upstream's answer does not describe the batch")] * len(members)
     if isinstance(received, int) and not isinstance(received, bool) and received != len(members):
         return alone
     for error in errors:

@@ -294,7 +294,11 @@ def read_batch_answer(
     while Jitsu may have taken them."""
     count = len(message_ids)
     errors = answer.get("errors")
-    if not isinstance(errors, list) or not errors:
+    if errors is not None and not isinstance(errors, list):
+        # Jitsu lists its errors, or leaves the key out: this is no answer of Jitsu's.
+        unread = EventVerdict(EventFate.RETRY, "upstream's batch answer has errors not as a list")
+        return (unread,) * count
+    if not errors:
         return (ACCEPTED,) * count
     received = answer.get("receivedEvents")
     if isinstance(received, int) and not isinstance(received, bool) and received != count:

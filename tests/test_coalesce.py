@@ -192,6 +192,8 @@ def test_each_member_gets_its_fate_from_jitsus_answer() -> None:
         {"receivedEvents": 4, "errors": ["x"]},
         {"errors": ["Message ID: zz: event error: x"]},
         {"errors": ["something broke"]},
+        {"ok": True, "errors": "everything failed"},  # attack pass: read as "no errors"
+        {"ok": True, "errors": {"b": "event error: x"}},
     ):
         assert {f.fate for f in read_answer(members, odd)} == {Fate.ALONE}
 
