@@ -11,7 +11,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -125,42 +125,39 @@ def _run_options(config: Config) -> dict[str, Any]:
 
 
 def _supervise(config: Config, count: int, log: structlog.typing.FilteringBoundLogger) -> int:
-    server = config.server
+    def serve(worker: Worker, socks: list[socket.socket], beat: Callable[[], None]) -> int:
+        return _serve_worker(config, worker, socks, beat)
+
+    workers = supervisor.Supervisor(config, count, serve)
     try:
-        sockets = [
-            [
-                supervisor.listen(server.host, server.port),
-                *(
-                    [supervisor.listen(server.admin_host, server.admin_port)]
-                    if server.admin_port
-                    else []
-                ),
-            ]
-            for _ in range(count)
-        ]
-    except OSError as exc:
-        log.error("listen_failed", error=str(exc))
+        workers.start()
+    except supervisor.StartError as exc:
+        log.error(exc.event, error=str(exc))
         return 1
-
-    def serve(worker: Worker, socks: list[socket.socket], ready: Callable[[], None]) -> int:
-        return _serve_worker(config, worker, socks, ready)
-
-    code = supervisor.Supervisor(config, count, sockets, serve).run()
+    code = workers.run()
     log.info("proxy_stopped", exit_code=code)
     return code
 
 
 def _serve_worker(
-    config: Config, worker: Worker, socks: list[socket.socket], ready: Callable[[], None]
+    config: Config, worker: Worker, socks: list[socket.socket], beat: Callable[[], None]
 ) -> int:
     """One worker process: the app on its own sockets of the port's SO_REUSEPORT group."""
     log = structlog.get_logger("proxy")
     app = create_app(config, worker)
 
-    async def _started(_app: web.Application) -> None:
-        ready()
+    async def beating(_app: web.Application) -> AsyncIterator[None]:
+        # The supervisor hears from a worker that serves, for as long as its loop runs.
+        async def beat_on() -> None:
+            while True:
+                beat()
+                await asyncio.sleep(supervisor.BEAT_EVERY_S)
 
-    app.on_startup.append(_started)
+        task = asyncio.create_task(beat_on(), name="beat")
+        yield
+        task.cancel()
+
+    app.cleanup_ctx.append(beating)
     loop = _event_loop()
     _drain_on_first_signal(loop)
     try:

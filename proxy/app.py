@@ -372,7 +372,7 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Publish this worker's status and metrics for the others, every second and at the end."""
+    """Publish this worker's status and metrics for the others, all along and at the end."""
     state = app[APP_STATE]
     view = state.fleet
     if view is None:
@@ -380,24 +380,9 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     view.take_over()
 
-    failing = False
-
-    def publish() -> None:
-        nonlocal failing
-        try:
-            view.publish(ops.worker_status(state), fleet.families(state.metrics.registry))
-        except OSError as exc:
-            if not failing:  # once, not every second (a full disk says so elsewhere too)
-                log.warning("worker_report_failed", error=relative(str(exc), state))
-            failing = True
-            return
-        if failing:
-            log.info("worker_report_resumed")
-        failing = False
-
     async def loop() -> None:
         while True:
-            publish()
+            ops.publish_report(state)
             await asyncio.sleep(fleet.PUBLISH_EVERY_S)
 
     task = asyncio.create_task(loop(), name="fleet-report")
@@ -405,7 +390,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    publish()
+    ops.publish_report(state)
 
 
 async def _adoption_ctx(app: web.Application) -> AsyncIterator[None]:

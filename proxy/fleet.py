@@ -1,6 +1,7 @@
 """What the workers of one proxy tell each other: each publishes its status and its metric
-samples to a file of its own under `buffer.path/workers/` every second, and whichever worker
-answers /metrics or /readyz adds up everyone's. A restarted worker carries on the counters its
+samples to a file of its own under `buffer.path/workers/` twice a second and whenever it answers
+/metrics, and the one that answers adds up everyone's files (its own too: a scrape answered by
+another worker a moment later sees no less). A restarted worker carries on the counters its
 predecessor published, so the totals never go back."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +21,11 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 FLEET_DIR = "workers"
-PUBLISH_EVERY_S = 1.0
+# How often each worker publishes; also when it answers /metrics or /readyz. What a worker
+# killed by kill -9 counted since its last report is not in the totals.
+PUBLISH_EVERY_S = 0.5
+# A report is a few KiB; anything much larger is not one.
+MAX_REPORT_BYTES = 1 << 20
 # A worker that has not published for this long is gone or stuck: the proxy is not ready.
 STALE_AFTER_S = 5.0
 # Gauges that are not added up: all must hold (min), or any (max).
@@ -126,6 +132,8 @@ class Fleet:
         self.worker = worker
         # The counters this worker's predecessor (same index) had published.
         self.carried: list[Family] = []
+        # Publishing failed last time (said once in the log, not every time).
+        self.failing = False
 
     def _file(self, index: int) -> Path:
         return self.dir / f"worker-{index}.json"
@@ -147,16 +155,24 @@ class Fleet:
         }
         target = self._file(self.worker.index)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload, separators=(",", ":")))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # never write through something planted under that name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(json.dumps(payload, separators=(",", ":")).encode())
         os.replace(tmp, target)
 
     def others(self) -> list[Report | None]:
         """The last report of every other worker, None for one that never published."""
         return [self._read(i) for i in range(self.worker.count) if i != self.worker.index]
 
+    def everyone(self) -> list[Report | None]:
+        """The last report of every worker, this one's included."""
+        return [self._read(i) for i in range(self.worker.count)]
+
     def _read(self, index: int) -> Report | None:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            payload = json.loads(self._file(index).read_text())
+            payload = json.loads(_read_report(self._file(index)))
             return Report(
                 index,
                 int(payload["pid"]),
@@ -165,6 +181,20 @@ class Fleet:
                 list(payload["metrics"]),
             )
         return None
+
+
+def _read_report(path: Path) -> bytes:
+    """A report as the worker wrote it, or OSError: only a regular file of at most
+    MAX_REPORT_BYTES, opened without following a symlink nor waiting on a FIFO. Anyone who can
+    write in the directory must not be able to hang or exhaust the worker that reads it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_REPORT_BYTES:
+            raise OSError(f"{path.name}: not a worker's report")
+        return os.read(fd, MAX_REPORT_BYTES + 1)[:MAX_REPORT_BYTES]
+    finally:
+        os.close(fd)
 
 
 def clear(base: Path) -> None:

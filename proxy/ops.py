@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp import hdrs, web
 
 from proxy import fleet
@@ -15,6 +16,8 @@ from proxy.config import Config
 from proxy.metrics import CONTENT_TYPE
 from proxy.routes import json_response
 from proxy.state import APP_STATE, AppState
+
+log = structlog.get_logger("proxy.ops")
 
 
 def add_routes(app: web.Application, config: Config) -> None:
@@ -192,18 +195,41 @@ def _add_up_upstream(states: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def publish_report(state: AppState) -> bool:
+    """Write this worker's report for the others; False (said once in the log) if it cannot."""
+    view = state.fleet
+    assert view is not None
+    try:
+        view.publish(worker_status(state), fleet.families(state.metrics.registry))
+    except OSError as exc:
+        if not view.failing:  # a full disk says so elsewhere too
+            log.warning(
+                "worker_report_failed", error=relative_to_buffer(str(exc), state.buffer_base)
+            )
+        view.failing = True
+        return False
+    if view.failing:
+        log.info("worker_report_resumed")
+    view.failing = False
+    return True
+
+
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[APP_STATE]
-    if state.fleet is None:
+    view = state.fleet
+    if view is None:
         body = state.metrics.render()
     else:
-        own = fleet.add_up([fleet.families(state.metrics.registry), state.fleet.carried])
-        published = [own]
-        for report in state.fleet.others():
-            if report is None:
-                continue
-            # A worker that stopped reporting still counted what it counted; its gauges
-            # describe a moment long gone.
-            published.append(report.metrics if report.fresh else fleet.cumulative(report.metrics))
-        body = fleet.render(fleet.add_up(published))
+        # Totals from the reports alone, this worker's written first: two scrapes answered by
+        # two workers a moment apart add up the same files, each only grown since.
+        published = publish_report(state)
+        reports: list[list[fleet.Family]] = []
+        for index, report in enumerate(view.everyone()):
+            if index == view.worker.index and not published:
+                reports.append(fleet.add_up([fleet.families(state.metrics.registry), view.carried]))
+            elif report is not None:
+                # A worker that stopped reporting still counted what it counted; its gauges
+                # describe a moment long gone.
+                reports.append(report.metrics if report.fresh else fleet.cumulative(report.metrics))
+        body = fleet.render(fleet.add_up(reports))
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import socket
@@ -34,9 +35,35 @@ MAX_RESTART_DELAY_S = 30.0
 # How long past shutdown_timeout_s the drain may take before stragglers are killed.
 DRAIN_MARGIN_S = 10.0
 PR_SET_PDEATHSIG = 1
+# A ready worker beats every BEAT_EVERY_S; one silent this long is stuck (a blocked event loop,
+# a stopped process) and is killed and replaced.
+BEAT_EVERY_S = 1.0
+HUNG_AFTER_S = 30.0
+LOCK_NAME = "supervisor.lock"
 
-# What a worker runs after the fork: serves until told to stop, returns the exit code.
+# What a worker runs after the fork: serves until told to stop, returns the exit code. It
+# calls `beat` once it serves, then every BEAT_EVERY_S while its event loop runs.
 WorkerMain = Callable[[Worker, list[socket.socket], Callable[[], None]], int]
+
+
+class StartError(Exception):
+    """The supervisor cannot start: `event` names it in the log."""
+
+    def __init__(self, event: str, error: str) -> None:
+        super().__init__(error)
+        self.event = event
+
+
+def check_free(host: str, port: int) -> None:
+    """SO_REUSEPORT lets another program of this user share the port without a word (a second
+    proxy started by mistake would take a share of the connections): bind it alone first."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Connections of an earlier run in TIME_WAIT are no one's: only a listener counts.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -58,35 +85,83 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class _Slot:
-    """One worker index: its sockets, its process (when running), its restarts."""
+    """One worker index: its sockets (while the slot has them), its process (when running),
+    its restarts."""
 
-    def __init__(self, index: int, sockets: list[socket.socket]) -> None:
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.sockets = sockets
+        self.sockets: list[socket.socket] = []
         self.pid: int | None = None
         self.started_at = 0.0
         self.ready = False
+        self.beat_at = 0.0
         self.restart_at: float | None = None
         self.delay = FIRST_RESTART_DELAY_S
 
+    def close_sockets(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
 
 class Supervisor:
-    def __init__(
-        self, config: Config, count: int, sockets: list[list[socket.socket]], main: WorkerMain
-    ) -> None:
+    def __init__(self, config: Config, count: int, main: WorkerMain) -> None:
         self.config = config
         self.count = count
-        self.slots = [_Slot(i, socks) for i, socks in enumerate(sockets)]
+        server = config.server
+        self.addresses = [(server.host, server.port)]
+        if server.admin_port:
+            self.addresses.append((server.admin_host, server.admin_port))
+        self.slots = [_Slot(i) for i in range(count)]
         self.main = main
         self.stopping = False
         self.failed = False
+        self.served = False  # some worker got ready at some point
+        self._lock_fd: int | None = None
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
+
+    def start(self) -> None:
+        """Take buffer.path for this supervisor, check the ports are free, bind the sockets;
+        StartError if any of it cannot be done."""
+        base = Path(self.config.buffer.path).absolute()
+        self._lock(base)
+        fleet.clear(base)
+        try:
+            for host, port in self.addresses:
+                check_free(host, port)
+            for slot in self.slots:
+                slot.sockets = [listen(host, port) for host, port in self.addresses]
+        except OSError as exc:
+            raise StartError("listen_failed", str(exc)) from exc
+
+    def _lock(self, base: Path) -> None:
+        """One supervisor per buffer.path; a predecessor still draining is waited for."""
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            fd = os.open(base / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StartError(
+                "buffer_unusable", f"cannot use buffer directory {base}: {exc}"
+            ) from exc
+        deadline = time.monotonic() + self.config.server.shutdown_timeout_s + DRAIN_MARGIN_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StartError(
+                        "buffer_unusable",
+                        f"buffer directory {base} is in use by another proxy",
+                    ) from None
+                time.sleep(0.1)
+        self._lock_fd = fd
 
     def run(self) -> int:
         """Start every worker, keep them running until SIGTERM/SIGINT, drain them."""
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        fleet.clear(Path(self.config.buffer.path).absolute())
         for slot in self.slots:
             self._spawn(slot)
         deadline: float | None = None
@@ -94,6 +169,7 @@ class Supervisor:
             sig = signal.sigtimedwait(SIGNALS, self._wait_s())
             self._read_ready()
             self._reap()
+            self._kill_hung()
             if sig is not None and sig.si_signo in (signal.SIGTERM, signal.SIGINT):
                 if not self.stopping:
                     log.info("proxy_draining", signal=signal.Signals(sig.si_signo).name)
@@ -126,9 +202,12 @@ class Supervisor:
         slot.ready = False
         slot.started_at = time.monotonic()
         try:
+            if not slot.sockets:
+                slot.sockets = [listen(host, port) for host, port in self.addresses]
             pid = os.fork()
-        except OSError as exc:  # out of processes or memory for now: try again later
+        except OSError as exc:  # out of processes, memory or ports for now: try again later
             log.error("worker_fork_failed", worker=slot.index, error=str(exc))
+            slot.close_sockets()
             slot.delay = min(MAX_RESTART_DELAY_S, slot.delay * 2)
             slot.restart_at = time.monotonic() + slot.delay
             return
@@ -144,27 +223,49 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             _die_with_parent(parent)
             os.close(self._ready_r)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # the lock is the supervisor's alone
             for other in self.slots:
                 if other is not slot:
-                    for sock in other.sockets:
-                        sock.close()
+                    other.close_sockets()
             structlog.contextvars.bind_contextvars(worker=slot.index)
-            ready_w = self._ready_w
+            beats = self._ready_w
+            os.set_blocking(beats, False)
 
-            def ready() -> None:
-                os.write(ready_w, bytes([slot.index]))
+            def beat() -> None:
+                with contextlib.suppress(BlockingIOError):
+                    os.write(beats, bytes([slot.index]))
 
-            code = self.main(Worker(slot.index, self.count), slot.sockets, ready)
+            code = self.main(Worker(slot.index, self.count), slot.sockets, beat)
         except BaseException:
             log.exception("worker_failed")
         finally:
             os._exit(code)
 
     def _read_ready(self) -> None:
+        now = time.monotonic()
         with contextlib.suppress(BlockingIOError):
-            for index in os.read(self._ready_r, 1024):
-                if index < len(self.slots) and self.slots[index].pid is not None:
-                    self.slots[index].ready = True
+            while beats := os.read(self._ready_r, 4096):
+                for index in beats:
+                    if index < len(self.slots) and self.slots[index].pid is not None:
+                        self.slots[index].ready = True
+                        self.slots[index].beat_at = now
+
+    def _kill_hung(self) -> None:
+        """A worker that served and then went silent does not serve its share any more."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is not None and slot.ready and now - slot.beat_at > HUNG_AFTER_S:
+                log.error(
+                    "worker_hung",
+                    worker=slot.index,
+                    pid=slot.pid,
+                    silent_s=round(now - slot.beat_at),
+                )
+                _signal(slot.pid, signal.SIGKILL)
+                slot.ready = False  # reaped, and restarted, as any worker that died
 
     def _reap(self) -> None:
         while True:
@@ -185,18 +286,23 @@ class Supervisor:
                 log.info("worker_stopped", worker=slot.index, pid=pid, exit_code=code)
                 continue
             self._read_ready()
-            if not slot.ready and not any(s.ready for s in self.slots if s is not slot):
+            self.served = self.served or any(s.ready for s in self.slots)
+            others = [s for s in self.slots if s is not slot and s.pid is not None]
+            if not slot.ready and not self.served and not others:
                 # Nothing ever started: a buffer or port that cannot be used. Say so, stop.
                 log.error("worker_failed_to_start", worker=slot.index, pid=pid, exit_code=code)
                 self.failed = True
                 self._stop_all()
                 continue
             lived = time.monotonic() - slot.started_at
+            stable = slot.ready and lived > STABLE_AFTER_S
             slot.delay = (
-                FIRST_RESTART_DELAY_S
-                if lived > STABLE_AFTER_S
-                else min(MAX_RESTART_DELAY_S, slot.delay * 2)
+                FIRST_RESTART_DELAY_S if stable else min(MAX_RESTART_DELAY_S, slot.delay * 2)
             )
+            if not stable:
+                # Its successor may not come soon: connections the kernel would queue on this
+                # slot's sockets go to the other workers meanwhile (new sockets at the restart).
+                slot.close_sockets()
             slot.restart_at = time.monotonic() + slot.delay
             log.error(
                 "worker_exited",

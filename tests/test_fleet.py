@@ -89,3 +89,31 @@ def test_workers_zero_means_one_per_usable_cpu(tmp_path: Path) -> None:
     assert shards.cpu_quota(limit) == 1.5
     limit.write_text("max 100000\n")
     assert shards.cpu_quota(limit) is None
+
+
+def test_what_is_not_a_report_is_not_read(tmp_path: Path) -> None:
+    """Attack pass, finding 1: a FIFO hung the reading worker for good, a symlink to
+    /dev/zero or a huge file exhausted it. Only a small regular file is read."""
+    Fleet(tmp_path, Worker(0, 5)).publish({"ready": True}, [])
+    workers = tmp_path / fleet.FLEET_DIR
+    os.mkfifo(workers / "worker-1.json")
+    (workers / "worker-2.json").symlink_to("/dev/zero")
+    with (workers / "worker-3.json").open("wb") as huge:
+        huge.truncate(fleet.MAX_REPORT_BYTES + 1)
+    (workers / "worker-4.json").mkdir()
+    reports = Fleet(tmp_path, Worker(0, 5)).everyone()
+    assert reports[0] is not None
+    assert reports[1:] == [None, None, None, None]
+
+
+def test_a_report_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    view = Fleet(tmp_path, Worker(0, 1))
+    view.publish({"ready": True}, [])
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    planted = tmp_path / fleet.FLEET_DIR / f".worker-0.json.{os.getpid()}.tmp"
+    planted.symlink_to(target)
+    view.publish({"ready": False}, [])
+    assert target.read_text() == "untouched"
+    (report,) = view.everyone()
+    assert report is not None and report.status == {"ready": False}

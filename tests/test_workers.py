@@ -5,6 +5,7 @@ killed for real; the fake Jitsu counts what arrives."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import aiohttp
 import pytest
 
 from tests.fakejitsu import FakeJitsu
-from tests.procs import ROOT, SECRET, ProxyProcess, Spawn, post_events
+from tests.procs import KEY, ROOT, SECRET, ProxyProcess, Spawn, post_events
 
 TWO = {"server": {"workers": 2}}
 
@@ -336,5 +337,124 @@ async def test_an_unusable_buffer_stops_every_worker_with_one_clear_line(
     code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
     assert code == 1
     events = [line["event"] for line in proxy.log_lines()]
+    assert events.count("buffer_unusable") == 1  # the supervisor's, before any worker
+    assert "worker_started" not in events
+
+
+@pytest.mark.timeout(60)
+async def test_when_no_worker_can_start_the_proxy_stops(
+    spawn: Spawn, upstream: FakeJitsu, tmp_path: Path
+) -> None:
+    base = tmp_path / "buffer"
+    (base / "buffer.db").mkdir(parents=True)  # worker 0 cannot open its database
+    (base / "shard-1").write_text("nor can worker 1 make its directory")
+    proxy = spawn(server={"workers": 2})
+    proxy.start()
+    assert proxy.proc is not None
+    code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
+    assert code == 1
+    events = [line["event"] for line in proxy.log_lines()]
     assert "buffer_unusable" in events
     assert "worker_failed_to_start" in events
+
+
+@pytest.mark.timeout(90)
+async def test_totals_in_metrics_never_go_back_whichever_worker_answers(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession
+) -> None:
+    """Attack pass, finding 2: a worker added its live figures to the others' reports of up to
+    a second ago, so scrapes answered by different workers went 214 -> 148."""
+    proxy = spawn(**TWO)
+    proxy.start()
+    await proxy.wait_ready()
+    load = asyncio.ensure_future(post_events(session, proxy, _ids("mono", 3000), concurrency=8))
+    seen: list[tuple[float, float]] = []
+    # A new connection each time: the kernel hands them to either worker.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        while not load.done() or len(seen) < 50:
+            async with fresh.get(f"{proxy.url}/metrics") as resp:
+                text = await resp.text()
+            values = dict(
+                line.split(" ", 1) for line in text.splitlines() if line.startswith("proxy_")
+            )
+            seen.append(
+                (
+                    float(values["proxy_events_accepted_total"]),
+                    float(values["proxy_events_delivered_total"]),
+                )
+            )
+            await asyncio.sleep(0.01)
+    assert len(await load) == 3000
+    backwards = [(a, b) for a, b in itertools.pairwise(seen) if b[0] < a[0] or b[1] < a[1]]
+    assert not backwards, backwards[:5]
+    assert seen[-1][0] > seen[0][0]
+    assert await proxy.terminate_async() == 0
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_that_cannot_start_leaves_its_share_to_the_others(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Attack pass, finding 3: the supervisor kept a failing worker's sockets, and the kernel
+    went on queueing about half the connections where no one would ever accept them."""
+    (tmp_path / "buffer" / "shard-1").parent.mkdir(parents=True)
+    (tmp_path / "buffer" / "shard-1").write_text("a file where worker 1's shard should be")
+    proxy = spawn(**TWO)
+    proxy.start()
+    # Worker 0 serves, worker 1 fails and is retried later and later.
+    await _until_logged(proxy, "worker_exited", 4)
+    quick = aiohttp.ClientTimeout(total=3)
+    statuses = []
+    for i in range(30):
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), timeout=quick
+        ) as fresh:
+            try:
+                async with fresh.post(
+                    f"{proxy.url}/api/s/s2s/track",
+                    json={"type": "track", "event": "e", "messageId": f"lone-{i}"},
+                    headers={"X-Write-Key": KEY},
+                ) as resp:
+                    statuses.append(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                statuses.append(type(exc).__name__)
+    assert statuses == [200] * 30
+    state = await proxy.readyz(session)
+    assert state is not None and state["status"] == "fail"  # not every worker serves
+    await upstream.wait_for(lambda f: {f"lone-{i}" for i in range(30)} <= f.delivered_set)
+    assert await proxy.terminate_async() == 0
+
+
+@pytest.mark.timeout(90)
+async def test_a_second_proxy_on_the_same_port_or_buffer_does_not_start(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Attack pass, finding 4: SO_REUSEPORT let a second proxy take a share of the port's
+    connections, and its start cleared the first one's reports."""
+    first = spawn(**TWO)
+    first.start()
+    await first.wait_ready()
+    # Same port, a buffer of its own: the port is taken.
+    other = tmp_path / "other"
+    other.mkdir()
+    same_port = ProxyProcess(
+        other, upstream.url, server={"workers": 2, "port": first.port}, buffer={"path": str(other)}
+    )
+    same_port.port = first.port
+    same_port.start()
+    # Same buffer, a port of its own: the buffer is taken (after waiting for a drain).
+    same_buffer = spawn(server={"workers": 2, "shutdown_timeout_s": 0.1})
+    same_buffer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        for second, event in ((same_port, "listen_failed"), (same_buffer, "buffer_unusable")):
+            assert second.proc is not None
+            assert await loop.run_in_executor(None, second.proc.wait, 30) == 1
+            assert event in [line["event"] for line in second.log_lines()]
+    finally:
+        same_port.stop()
+    ids = _ids("first", 100)
+    assert await post_events(session, first, ids) == set(ids)
+    state = await first.readyz(session)
+    assert state is not None and state["status"] == "pass"
+    assert await first.terminate_async() == 0

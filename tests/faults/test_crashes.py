@@ -159,3 +159,31 @@ async def test_kill_9_of_workers_and_of_the_whole_group(
     restarts = [line for line in proxy.log_lines() if line["event"] == "worker_exited"]
     assert restarts, "no worker was restarted"
     await drain_and_check("kill -9 of workers", proxy, upstream, session, ledger, seed=seed)
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_that_stops_answering_is_replaced(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession
+) -> None:
+    """A worker whose event loop no longer runs (here: SIGSTOP) holds its share of the port's
+    connections: the supervisor, no longer hearing from it, kills and replaces it."""
+    proxy = spawn(server={"workers": 2})
+    proxy.start()
+    await proxy.wait_ready()
+    state = await proxy.wait_state(session, lambda s: s["status"] == "pass", what="ready")
+    stuck = state["workers"][1]["pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    for _ in range(600):
+        if any(line["event"] == "worker_hung" for line in proxy.log_lines()):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the stopped worker was never replaced")
+    state = await proxy.wait_state(
+        session,
+        lambda s: s["status"] == "pass" and s["workers"][1]["pid"] not in (0, stuck),
+        what="worker 1 replaced",
+    )
+    hung = next(line for line in proxy.log_lines() if line["event"] == "worker_hung")
+    assert hung["worker"] == 1 and hung["pid"] == stuck
+    assert await proxy.terminate_async() == 0
