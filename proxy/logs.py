@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+import orjson
 import structlog
+
+
+def _fallback(obj: Any) -> Any:
+    """What structlog's JSONRenderer writes for a value JSON has no type for."""
+    structlog_repr = getattr(obj, "__structlog__", None)
+    return structlog_repr() if structlog_repr is not None else repr(obj)
+
+
+_SLOW_JSON = structlog.processors.JSONRenderer()
+# Dataclasses and datetimes as json.dumps sees them (through the fallback), not orjson's way.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def render_json(logger: Any, name: str, event_dict: structlog.typing.EventDict) -> str:
+    """The line structlog's JSONRenderer writes, the same keys and values in the same order,
+    written by orjson (issue 9: a few µs less per request line): compact, non-ASCII as UTF-8.
+    What orjson refuses (a lone surrogate from a client's header, an int past 64 bits) goes
+    through json as before."""
+    try:
+        return orjson.dumps(event_dict, default=_fallback, option=_ORJSON_OPTIONS).decode()
+    except TypeError:
+        return str(_SLOW_JSON(logger, name, event_dict))  # json.dumps: a str
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = True) -> None:
@@ -15,7 +39,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = T
     if fmt == "console" or (fmt == "auto" and sys.stdout.isatty()):
         renderer = structlog.dev.ConsoleRenderer()
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = render_json
     numeric = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[
