@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import orjson
+
 from proxy.auth import WriteKey, mask_key
 from proxy.config import LimitsConfig
 from proxy.errors import IngestError
@@ -175,6 +177,46 @@ def _reading_json() -> Iterator[None]:
         raise IngestError(f"error parsing message: {exc}", status=400) from None
 
 
+def _fast_load(body: bytes) -> Any:
+    """orjson's reading of a body, or None where json must read it: anything orjson refuses
+    (UTF-16, a BOM, a lone surrogate, NaN, numbers out of range, deep nesting) gets json's own
+    answer. What orjson reads, json reads the same, except integers past 64 bits, which orjson
+    reads as floats: _fast_dump gives those away (issue 9; fuzzed in tests/test_envelope.py)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+# A float in orjson's output with an exponent, or below 1e-4: there json.dumps may write other
+# digits ("1e-05" for orjson's "0.00001", "2.5e-07" for "2.5e-7"), and an integer past 64
+# bits that orjson read as a float shows as one (1.8446744073709552e+19). Searched with re:
+# faster here than `in` on bytes.
+_SMALL_FLOAT = re.compile(rb"0\.0000")
+_EXPONENT = re.compile(rb"e[-+]")
+_NUMBER_TEXT = frozenset(b"0123456789.-")
+
+
+def _fast_dump(obj: Any) -> bytes | None:
+    """orjson's bytes for `obj` when they are json.dumps's (compact, ensure_ascii=False), else
+    None. orjson refuses lone surrogates and integers past 64 bits itself."""
+    try:
+        raw = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return None
+    if _SMALL_FLOAT.search(raw):
+        return None
+    for match in _EXPONENT.finditer(raw):
+        # A number when the digits before the `e` follow `:`, `,` or `[` (a uuid's "3e-4"
+        # in a string does not): json is asked then, a rare case.
+        start = match.start()
+        while start > 0 and raw[start - 1] in _NUMBER_TEXT:
+            start -= 1
+        if start < match.start() and start > 0 and raw[start - 1] in b":,[":
+            return None
+    return raw
+
+
 def _parse_json(body: bytes) -> Any:
     """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
     accept we must be able to forward as JSON."""
@@ -183,6 +225,11 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _dump(obj: Any) -> bytes:
+    """Compact JSON, non-ASCII as UTF-8: json.dumps's bytes, written by orjson where they are
+    the same (issue 9: about 20 times faster), by json where they may not be."""
+    fast = _fast_dump(obj)
+    if fast is not None:
+        return fast
     try:
         text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
         try:
@@ -272,16 +319,28 @@ def parse_single(
 ) -> tuple[bytes, str]:
     """Validate one event and return its bytes to forward, plus its messageId; `stamp` is the
     timestamp it gets if it has none."""
-    event = _parse_json(body)
+    event = _fast_load(body)
+    raw = None
+    if event is not None:
+        message_id = _prepare_single(event, path_type, stamp)
+        raw = _fast_dump(event)
+    if raw is None:
+        event = _parse_json(body)
+        message_id = _prepare_single(event, path_type, stamp)
+        raw = _dump(event)
+    _event_size_check(raw, max_event_bytes)
+    return raw, message_id
+
+
+def _prepare_single(event: Any, path_type: str, stamp: str | None) -> str:
+    """Check a parsed event and give it what it lacks (messageId, timestamp, masked key)."""
     if not isinstance(event, dict):
         raise IngestError("error parsing message: event must be a JSON object")
     _validate_event(event, resolve_type(path_type))
     message_id = ensure_message_id(event)
     ensure_timestamp(event, stamp)
     _mask_body_key(event)
-    raw = _dump(event)
-    _event_size_check(raw, max_event_bytes)
-    return raw, message_id
+    return message_id
 
 
 def parse_batch_payload(body: bytes, max_events: int | None = None) -> dict[str, Any]:

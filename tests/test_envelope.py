@@ -15,9 +15,11 @@ import zlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import MultiDict
 
-from proxy.auth import KeySource, WriteKey
+from proxy.auth import KeySource, WriteKey, mask_key
 from proxy.envelope import (
     MAX_EVENT_NAME,
     Envelope,
@@ -401,6 +403,84 @@ def test_ensure_message_id() -> None:
     assert is_uuid4(new_id)
     assert event == {"messageId": new_id}
     assert ensure_message_id(event) == new_id  # stable across retries
+
+
+# ---- orjson, only where it writes json's bytes (issue 9) ---------------------------------
+
+
+def json_bytes(obj: Any) -> bytes:
+    """What the proxy forwarded before orjson: json.dumps, compact, UTF-8; a lone surrogate
+    (no UTF-8 form) escaped."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+# Lone surrogates included: a \ud800 escape in a body reads as one.
+TEXT = st.text(st.characters(exclude_categories=()), max_size=8)
+# Where orjson and json write floats differently (below 1e-4), or read numbers differently
+# (integers past 64 bits), besides everything else.
+NUMBERS = (
+    st.integers()
+    | st.integers(min_value=2**62, max_value=2**66)
+    | st.integers(min_value=-(2**66), max_value=-(2**62))
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=-1e-3, max_value=1e-3)
+    | st.sampled_from([1e16, 1e-5, 2.5e-7, 0.0001, -0.0, 5e-324, 1.7976931348623157e308])
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | NUMBERS | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None)
+
+
+@FUZZ
+@given(value=JSON_VALUES)
+def test_events_are_written_as_json_writes_them(value: Any) -> None:
+    payload = {"context": {"v": value}, "batch": []}
+    assert encode_batch(payload) == json_bytes(payload)
+
+
+@FUZZ
+@given(
+    value=JSON_VALUES,
+    message_id=TEXT.filter(bool) | NUMBERS,
+    has_timestamp=st.booleans(),
+    write_key=st.none() | TEXT,
+    style=st.sampled_from(["compact", "ascii", "spaced", "indented"]),
+)
+def test_parse_single_forwards_what_the_json_reading_forwards(
+    value: Any, message_id: Any, has_timestamp: bool, write_key: str | None, style: str
+) -> None:
+    """orjson reads the event where it reads it as json does; either way the same bytes go
+    upstream, whatever the client's spelling of them."""
+    event: dict[str, Any] = {"type": "track", "event": "e", "messageId": message_id}
+    event["properties"] = {"p": value}
+    if has_timestamp:
+        event["timestamp"] = "2024-01-01T00:00:00.000Z"
+    if write_key is not None:
+        event["writeKey"] = write_key
+    if style == "compact":
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    elif style == "ascii":
+        body = json.dumps(event)
+    else:
+        body = json.dumps(event, ensure_ascii=False, indent=2 if style == "indented" else None)
+    data = body.encode("utf-8", "surrogatepass")  # a lone surrogate as (invalid) UTF-8 bytes
+    stamp = "2024-06-01T00:00:00.000Z"
+
+    raw, got_id = parse_single(data, "track", BIG, stamp)
+
+    reference = json.loads(data)
+    expected_id = ensure_message_id(reference)
+    reference.setdefault("timestamp", stamp)
+    if isinstance(write_key, str) and write_key and not write_key.endswith(":***"):
+        reference["writeKey"] = mask_key(write_key)
+    assert raw == json_bytes(reference)
+    assert got_id == expected_id
 
 
 # ---- parse_batch_payload -----------------------------------------------------------------
