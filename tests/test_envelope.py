@@ -8,6 +8,7 @@ Jitsu reference: research notes §3.2 (content type, gzip, sizes), §3.5 (event 
 from __future__ import annotations
 
 import base64
+import datetime
 import gzip
 import json
 import uuid
@@ -23,6 +24,7 @@ from proxy.auth import KeySource, WriteKey, mask_key
 from proxy.envelope import (
     MAX_EVENT_NAME,
     Envelope,
+    accepted_at,
     build_envelope,
     check_content_type,
     decompress,
@@ -674,6 +676,28 @@ def test_forward_path(query: dict[str, str], expected: str) -> None:
 def test_forward_path_multidict_keeps_repeated_params() -> None:
     query = MultiDict([("a", "1"), ("writekey", "kid:secret"), ("a", "2")])
     assert forward_path("/v1/batch", query) == "/v1/batch?a=1&a=2"
+
+
+# ---- accepted_at -------------------------------------------------------------------------
+
+
+def datetime_stamp(now: float) -> str:
+    """accepted_at as it was written before issue 9: datetime and strftime per event."""
+    moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@pytest.mark.parametrize(
+    "now", [0.0, 1717200000.0, 1717200000.9995, 1717200000.9999995, 1717200059.99999949, 4e9]
+)
+def test_accepted_at_is_utc_with_milliseconds(now: float) -> None:
+    assert accepted_at(now) == datetime_stamp(now)
+
+
+@FUZZ
+@given(now=st.floats(min_value=0, max_value=4e9))
+def test_accepted_at_rounds_as_datetime_does(now: float) -> None:
+    assert accepted_at(now) == datetime_stamp(now)
 
 
 # ---- build_envelope ----------------------------------------------------------------------
