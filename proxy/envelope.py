@@ -66,7 +66,7 @@ class Envelope:
     def headers_json(self) -> str:
         return json.dumps(self.headers)
 
-    @property
+    @functools.cached_property  # the buffer asks several times per row
     def stored_size(self) -> int:
         """Everything the buffer stores for this row, so that buffer.max_bytes is a bound on
         the disk: body, path (a pixel's event lives in its query string), headers, key id."""
