@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -478,6 +478,7 @@ def filter_batch(
     max_event_bytes: int,
     max_errors: int | None = None,
     stamp: str | None = None,
+    dump: Callable[[Any], bytes] = _dump,
 ) -> BatchResult:
     """Keep the valid events of a batch; report the others the way Jitsu's batch answer does,
     listing at most `max_errors` of them (a hostile batch must not make a huge answer).
@@ -498,7 +499,7 @@ def filter_batch(
             _mask_body_key(event)
             try:
                 _validate_event(event, "track" if default_name else "event", default_name)
-                raw = _dump(event)
+                raw = dump(event)
                 _event_size_check(raw, max_event_bytes)
             except IngestError as exc:
                 error = f"Message ID: {message_id}: {exc.message}"
@@ -519,14 +520,17 @@ def filter_batch(
 
 
 def split_batch(
-    result: BatchResult, max_bytes: int, header_bytes: int = 0
+    result: BatchResult,
+    max_bytes: int,
+    header_bytes: int = 0,
+    dump: Callable[[Any], bytes] = _dump,
 ) -> list[tuple[bytes, int]]:
     """The kept events as upstream batch bodies of at most `max_bytes` each (one event alone
     may exceed it), every piece with the batch's other top-level fields (context, eventsName),
     which Jitsu applies per event, so the split changes nothing upstream. Returns (body, events)
     pairs; the events' bytes are the ones already checked, not serialised again.
     `header_bytes`: what the request's headers cost in every stored piece."""
-    head = _dump({k: v for k, v in result.payload.items() if k != "batch"})
+    head = dump({k: v for k, v in result.payload.items() if k != "batch"})
     prefix = head[:-1] + (b"," if len(head) > 2 else b"") + b'"batch":['
     suffix = b"]}"
     if (len(prefix) + header_bytes) * 4 > max_bytes:
@@ -620,14 +624,41 @@ def prepare_batch(
     and picklable: large bodies run in a worker process (proxy.offload)."""
     if "gzip" in encoding.lower() and body[:2] == b"\x1f\x8b":
         body = decompress(body, encoding, limits.max_decompressed_bytes, limits.max_gzip_members)
-    payload = parse_batch_payload(body, limits.max_batch_events)
-    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors, stamp)
+    payload = _fast_batch_payload(body, limits.max_batch_events)
+    # Read by orjson, and every number in it written as json writes it: the events (which
+    # gain only strings: messageId, timestamp, a masked key) are written by orjson alone.
+    dump: Callable[[Any], bytes] = orjson.dumps
+    if payload is None:
+        payload = parse_batch_payload(body, limits.max_batch_events)
+        dump = _dump
+    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors, stamp, dump)
     return PreparedBatch(
         body_key=payload.get("writeKey"),
         received=result.received,
         errors=result.errors,
-        pieces=split_batch(result, max_forward_bytes, header_bytes),
+        pieces=split_batch(result, max_forward_bytes, header_bytes, dump),
     )
+
+
+def _fast_batch_payload(body: bytes, max_events: int) -> dict[str, Any] | None:
+    """The batch payload as orjson reads it (issue 9: some 5 times faster than element by
+    element), when that is what parse_batch_payload would return: fewer commas than
+    `max_events`, so no array in it can reach the cap that the element-wise reading is there
+    to enforce (and a repeated `batch` cannot hide one that does); a JSON object whose
+    `batch` is an array and `context` an object; and every number in it written by orjson
+    as json writes it (_fast_dump: no integer past 64 bits that orjson read as a float).
+    Else None, and parse_batch_payload reads it, with its own errors."""
+    if body.count(b",") >= max_events:
+        return None
+    payload = _fast_load(body)
+    if type(payload) is not dict or not isinstance(payload.get("batch"), list):
+        return None
+    context = payload.get("context")
+    if context is not None and not isinstance(context, dict):
+        return None
+    if _fast_dump(payload) is None:
+        return None
+    return payload
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,11 @@ from hypothesis import strategies as st
 from multidict import MultiDict
 
 from proxy.auth import KeySource, WriteKey, mask_key
+from proxy.config import LimitsConfig
 from proxy.envelope import (
     MAX_EVENT_NAME,
     Envelope,
+    PreparedBatch,
     accepted_at,
     build_envelope,
     check_content_type,
@@ -35,7 +37,9 @@ from proxy.envelope import (
     parse_batch_payload,
     parse_single,
     pixel_destination,
+    prepare_batch,
     resolve_type,
+    split_batch,
 )
 from proxy.errors import IngestError
 
@@ -439,6 +443,20 @@ JSON_VALUES = st.recursive(
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None)
 
 
+STYLES = st.sampled_from(["compact", "ascii", "spaced", "indented"])
+
+
+def spelled(payload: Any, style: str) -> bytes:
+    """A payload as some client might send it: compact, ASCII-escaped, spaced or indented."""
+    if style == "compact":
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    elif style == "ascii":
+        text = json.dumps(payload)
+    else:
+        text = json.dumps(payload, ensure_ascii=False, indent=2 if style == "indented" else None)
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate as (invalid) UTF-8 bytes
+
+
 @FUZZ
 @given(value=JSON_VALUES)
 def test_events_are_written_as_json_writes_them(value: Any) -> None:
@@ -452,7 +470,7 @@ def test_events_are_written_as_json_writes_them(value: Any) -> None:
     message_id=TEXT.filter(bool) | NUMBERS,
     has_timestamp=st.booleans(),
     write_key=st.none() | TEXT,
-    style=st.sampled_from(["compact", "ascii", "spaced", "indented"]),
+    style=STYLES,
 )
 def test_parse_single_forwards_what_the_json_reading_forwards(
     value: Any, message_id: Any, has_timestamp: bool, write_key: str | None, style: str
@@ -465,13 +483,7 @@ def test_parse_single_forwards_what_the_json_reading_forwards(
         event["timestamp"] = "2024-01-01T00:00:00.000Z"
     if write_key is not None:
         event["writeKey"] = write_key
-    if style == "compact":
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    elif style == "ascii":
-        body = json.dumps(event)
-    else:
-        body = json.dumps(event, ensure_ascii=False, indent=2 if style == "indented" else None)
-    data = body.encode("utf-8", "surrogatepass")  # a lone surrogate as (invalid) UTF-8 bytes
+    data = spelled(event, style)
     stamp = "2024-06-01T00:00:00.000Z"
 
     raw, got_id = parse_single(data, "track", BIG, stamp)
@@ -676,6 +688,57 @@ def test_forward_path(query: dict[str, str], expected: str) -> None:
 def test_forward_path_multidict_keeps_repeated_params() -> None:
     query = MultiDict([("a", "1"), ("writekey", "kid:secret"), ("a", "2")])
     assert forward_path("/v1/batch", query) == "/v1/batch?a=1&a=2"
+
+
+BATCH_EVENTS = (
+    st.fixed_dictionaries(
+        {"messageId": TEXT.filter(bool) | NUMBERS},
+        optional={
+            "type": st.sampled_from(["track", "page", "nope"]) | JSON_VALUES,
+            "event": TEXT | JSON_VALUES,
+            "timestamp": TEXT,
+            "writeKey": TEXT,
+            "properties": JSON_VALUES,
+        },
+    )
+    | JSON_VALUES.filter(lambda v: not isinstance(v, dict))  # not an object: refused
+)
+
+
+@FUZZ
+@given(
+    events=st.lists(BATCH_EVENTS, max_size=5),
+    context=st.none() | st.dictionaries(TEXT, JSON_VALUES, max_size=3),
+    extra=st.dictionaries(TEXT, JSON_VALUES, max_size=2),
+    style=STYLES,
+    max_events=st.sampled_from([2, 10_000]),
+)
+def test_prepare_batch_forwards_what_the_json_reading_forwards(
+    events: list[Any], context: Any, extra: dict[str, Any], style: str, max_events: int
+) -> None:
+    """orjson reads the batch where it reads it as json does; either way the same pieces go
+    upstream and the same answer goes back."""
+    payload: dict[str, Any] = {**extra, "batch": events}
+    if context is not None:
+        payload["context"] = context
+    body = spelled(payload, style)
+    limits = LimitsConfig(max_batch_events=max_events, max_batch_errors=3)
+    stamp = "2024-06-01T00:00:00.000Z"
+
+    try:
+        got: Any = prepare_batch(body, "", limits, 600, stamp, 10)
+    except IngestError as exc:
+        got = exc.message
+
+    try:
+        reference = parse_batch_payload(body, max_events)
+        result = filter_batch(reference, limits.max_event_bytes, 3, stamp)
+        expected: Any = PreparedBatch(
+            reference.get("writeKey"), result.received, result.errors, split_batch(result, 600, 10)
+        )
+    except IngestError as exc:
+        expected = exc.message
+    assert got == expected
 
 
 # ---- accepted_at -------------------------------------------------------------------------
