@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 
@@ -81,12 +82,14 @@ def decode_basic(header: str) -> str:
 
 # Jitsu's keys are two 32-character ids; anything far longer is no key of Jitsu's.
 MAX_KEY_CHARS = 512
+# Searched by re, not char by char in Python (issue 9: some 3 µs per request).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _checked(value: str, source: KeySource) -> WriteKey:
     """A key we could not store or send unchanged is refused now, not after the 2xx."""
     # A control character would be refused by aiohttp as a header.
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise IngestError(
             "error processing message: write key contains control characters", status=400
         )
@@ -102,6 +105,8 @@ def _checked(value: str, source: KeySource) -> WriteKey:
 
 
 def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

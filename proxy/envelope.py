@@ -19,9 +19,11 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import orjson
 
 from proxy.auth import WriteKey, mask_key
 from proxy.config import LimitsConfig
@@ -64,7 +66,7 @@ class Envelope:
     def headers_json(self) -> str:
         return json.dumps(self.headers)
 
-    @property
+    @functools.cached_property  # the buffer asks several times per row
     def stored_size(self) -> int:
         """Everything the buffer stores for this row, so that buffer.max_bytes is a bound on
         the disk: body, path (a pixel's event lives in its query string), headers, key id."""
@@ -175,6 +177,46 @@ def _reading_json() -> Iterator[None]:
         raise IngestError(f"error parsing message: {exc}", status=400) from None
 
 
+def _fast_load(body: bytes) -> Any:
+    """orjson's reading of a body, or None where json must read it: anything orjson refuses
+    (UTF-16, a BOM, a lone surrogate, NaN, numbers out of range, deep nesting) gets json's own
+    answer. What orjson reads, json reads the same, except integers past 64 bits, which orjson
+    reads as floats: _fast_dump gives those away (issue 9; fuzzed in tests/test_envelope.py)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+# A float in orjson's output with an exponent, or below 1e-4: there json.dumps may write other
+# digits ("1e-05" for orjson's "0.00001", "2.5e-07" for "2.5e-7"), and an integer past 64
+# bits that orjson read as a float shows as one (1.8446744073709552e+19). Searched with re:
+# faster here than `in` on bytes.
+_SMALL_FLOAT = re.compile(rb"0\.0000")
+_EXPONENT = re.compile(rb"e[-+]")
+_NUMBER_TEXT = frozenset(b"0123456789.-")
+
+
+def _fast_dump(obj: Any) -> bytes | None:
+    """orjson's bytes for `obj` when they are json.dumps's (compact, ensure_ascii=False), else
+    None. orjson refuses lone surrogates and integers past 64 bits itself."""
+    try:
+        raw = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return None
+    if _SMALL_FLOAT.search(raw):
+        return None
+    for match in _EXPONENT.finditer(raw):
+        # A number when the digits before the `e` follow `:`, `,` or `[` (a uuid's "3e-4"
+        # in a string does not): json is asked then, a rare case.
+        start = match.start()
+        while start > 0 and raw[start - 1] in _NUMBER_TEXT:
+            start -= 1
+        if start < match.start() and start > 0 and raw[start - 1] in b":,[":
+            return None
+    return raw
+
+
 def _parse_json(body: bytes) -> Any:
     """Strict JSON: NaN, Infinity and overflowing numbers are refused here, since what we
     accept we must be able to forward as JSON."""
@@ -183,6 +225,11 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _dump(obj: Any) -> bytes:
+    """Compact JSON, non-ASCII as UTF-8: json.dumps's bytes, written by orjson where they are
+    the same (issue 9: about 20 times faster), by json where they may not be."""
+    fast = _fast_dump(obj)
+    if fast is not None:
+        return fast
     try:
         text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
         try:
@@ -230,9 +277,22 @@ def _string(value: Any) -> str:
 
 
 def accepted_at(now: float | None = None) -> str:
-    """Jitsu's timestamp format: UTC, milliseconds, Z (Go's 2006-01-02T15:04:05.000Z)."""
-    moment = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """Jitsu's timestamp format: UTC, milliseconds, Z (Go's 2006-01-02T15:04:05.000Z).
+
+    The second's text is kept (issue 9: strftime per event cost some 4 µs); the rest is what
+    datetime.fromtimestamp would give: microseconds rounded half to even, then cut to ms."""
+    now = time.time() if now is None else now
+    second = math.floor(now)
+    micros = round((now - second) * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return f"{_second_text(second)}{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def ensure_timestamp(event: dict[str, Any], stamp: str | None) -> None:
@@ -272,16 +332,28 @@ def parse_single(
 ) -> tuple[bytes, str]:
     """Validate one event and return its bytes to forward, plus its messageId; `stamp` is the
     timestamp it gets if it has none."""
-    event = _parse_json(body)
+    event = _fast_load(body)
+    raw = None
+    if event is not None:
+        message_id = _prepare_single(event, path_type, stamp)
+        raw = _fast_dump(event)
+    if raw is None:
+        event = _parse_json(body)
+        message_id = _prepare_single(event, path_type, stamp)
+        raw = _dump(event)
+    _event_size_check(raw, max_event_bytes)
+    return raw, message_id
+
+
+def _prepare_single(event: Any, path_type: str, stamp: str | None) -> str:
+    """Check a parsed event and give it what it lacks (messageId, timestamp, masked key)."""
     if not isinstance(event, dict):
         raise IngestError("error parsing message: event must be a JSON object")
     _validate_event(event, resolve_type(path_type))
     message_id = ensure_message_id(event)
     ensure_timestamp(event, stamp)
     _mask_body_key(event)
-    raw = _dump(event)
-    _event_size_check(raw, max_event_bytes)
-    return raw, message_id
+    return message_id
 
 
 def parse_batch_payload(body: bytes, max_events: int | None = None) -> dict[str, Any]:
@@ -406,6 +478,7 @@ def filter_batch(
     max_event_bytes: int,
     max_errors: int | None = None,
     stamp: str | None = None,
+    dump: Callable[[Any], bytes] = _dump,
 ) -> BatchResult:
     """Keep the valid events of a batch; report the others the way Jitsu's batch answer does,
     listing at most `max_errors` of them (a hostile batch must not make a huge answer).
@@ -426,7 +499,7 @@ def filter_batch(
             _mask_body_key(event)
             try:
                 _validate_event(event, "track" if default_name else "event", default_name)
-                raw = _dump(event)
+                raw = dump(event)
                 _event_size_check(raw, max_event_bytes)
             except IngestError as exc:
                 error = f"Message ID: {message_id}: {exc.message}"
@@ -447,14 +520,17 @@ def filter_batch(
 
 
 def split_batch(
-    result: BatchResult, max_bytes: int, header_bytes: int = 0
+    result: BatchResult,
+    max_bytes: int,
+    header_bytes: int = 0,
+    dump: Callable[[Any], bytes] = _dump,
 ) -> list[tuple[bytes, int]]:
     """The kept events as upstream batch bodies of at most `max_bytes` each (one event alone
     may exceed it), every piece with the batch's other top-level fields (context, eventsName),
     which Jitsu applies per event, so the split changes nothing upstream. Returns (body, events)
     pairs; the events' bytes are the ones already checked, not serialised again.
     `header_bytes`: what the request's headers cost in every stored piece."""
-    head = _dump({k: v for k, v in result.payload.items() if k != "batch"})
+    head = dump({k: v for k, v in result.payload.items() if k != "batch"})
     prefix = head[:-1] + (b"," if len(head) > 2 else b"") + b'"batch":['
     suffix = b"]}"
     if (len(prefix) + header_bytes) * 4 > max_bytes:
@@ -548,14 +624,41 @@ def prepare_batch(
     and picklable: large bodies run in a worker process (proxy.offload)."""
     if "gzip" in encoding.lower() and body[:2] == b"\x1f\x8b":
         body = decompress(body, encoding, limits.max_decompressed_bytes, limits.max_gzip_members)
-    payload = parse_batch_payload(body, limits.max_batch_events)
-    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors, stamp)
+    payload = _fast_batch_payload(body, limits.max_batch_events)
+    # Read by orjson, and every number in it written as json writes it: the events (which
+    # gain only strings: messageId, timestamp, a masked key) are written by orjson alone.
+    dump: Callable[[Any], bytes] = orjson.dumps
+    if payload is None:
+        payload = parse_batch_payload(body, limits.max_batch_events)
+        dump = _dump
+    result = filter_batch(payload, limits.max_event_bytes, limits.max_batch_errors, stamp, dump)
     return PreparedBatch(
         body_key=payload.get("writeKey"),
         received=result.received,
         errors=result.errors,
-        pieces=split_batch(result, max_forward_bytes, header_bytes),
+        pieces=split_batch(result, max_forward_bytes, header_bytes, dump),
     )
+
+
+def _fast_batch_payload(body: bytes, max_events: int) -> dict[str, Any] | None:
+    """The batch payload as orjson reads it (issue 9: some 5 times faster than element by
+    element), when that is what parse_batch_payload would return: fewer commas than
+    `max_events`, so no array in it can reach the cap that the element-wise reading is there
+    to enforce (and a repeated `batch` cannot hide one that does); a JSON object whose
+    `batch` is an array and `context` an object; and every number in it written by orjson
+    as json writes it (_fast_dump: no integer past 64 bits that orjson read as a float).
+    Else None, and parse_batch_payload reads it, with its own errors."""
+    if body.count(b",") >= max_events:
+        return None
+    payload = _fast_load(body)
+    if type(payload) is not dict or not isinstance(payload.get("batch"), list):
+        return None
+    context = payload.get("context")
+    if context is not None and not isinstance(context, dict):
+        return None
+    if _fast_dump(payload) is None:
+        return None
+    return payload
 
 
 @dataclasses.dataclass(frozen=True)

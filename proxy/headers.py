@@ -7,6 +7,7 @@ client's connection or body, carry credentials, or the proxy sets itself from wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 
@@ -105,32 +106,37 @@ def forward_headers(
     `preserve_host` the client's Host. `drop` (lower-case names) removes more."""
     groups: dict[str, tuple[str, list[str]]] = {}
     for name, value in request_headers.items():
-        group = groups.setdefault(name.lower(), (name, []))
-        group[1].append(value)
-    named = {
-        token.strip().lower()
-        for value in groups.get("connection", ("", []))[1]
-        for token in value.split(",")
-    }
-    skip = NOT_FORWARDED | named | drop | {"content-type"}
+        lowered = name.lower()
+        group = groups.get(lowered)
+        if group is None:
+            groups[lowered] = (name, [value])
+        else:
+            group[1].append(value)
+    connection = groups.get("connection")
+    named = (
+        {token.strip().lower() for value in connection[1] for token in value.split(",")}
+        if connection is not None
+        else frozenset()
+    )
     headers = {"Content-Type": _content_type(request_headers.get("Content-Type"))}
     if key is not None:
         headers["X-Write-Key"] = key.value
     if client_ip:
         headers["X-Real-IP"] = client_ip
         headers["X-Forwarded-For"] = client_ip
-    if ip_policy == "remove":
-        skip |= {"x-ip-policy"}
     for lowered, (name, values) in groups.items():
-        if lowered not in skip and not CLIENT_ADDRESS.search(lowered):
-            # Jitsu keeps a repeated header as its values joined by "," (ingest/router.go
-            # buildIngestMessage): one line holding exactly that is what it then stores.
-            value = ",".join(values)
-            if lowered == "accept-encoding":
-                value = readable_codings(value)
-                if not value:
-                    continue
-            headers[name] = header_text(value)
+        if not _passed_on(lowered) or lowered in named or lowered in drop:
+            continue
+        if lowered == "x-ip-policy" and ip_policy == "remove":
+            continue
+        # Jitsu keeps a repeated header as its values joined by "," (ingest/router.go
+        # buildIngestMessage): one line holding exactly that is what it then stores.
+        value = values[0] if len(values) == 1 else ",".join(values)
+        if lowered == "accept-encoding":
+            value = readable_codings(value)
+            if not value:
+                continue
+        headers[name] = header_text(value)
     if origin is not None:
         if origin.host and "x-forwarded-host" not in drop:
             headers["X-Forwarded-Host"] = header_text(origin.host)
@@ -146,6 +152,19 @@ def forward_headers(
     return headers
 
 
+# Header names repeat from request to request: each one's verdict is worked out once (issue 9).
+@functools.lru_cache(maxsize=256)
+def _passed_on(lowered: str) -> bool:
+    """Whether a header (lower-case name) may go upstream as the client sent it: not one of
+    those above, not naming a client address, not the Content-Type (the proxy writes that)."""
+    return (
+        lowered not in NOT_FORWARDED
+        and lowered != "content-type"
+        and not CLIENT_ADDRESS.search(lowered)
+    )
+
+
+@functools.lru_cache(maxsize=256)
 def readable_codings(accept_encoding: str) -> str:
     """An Accept-Encoding with only the codings (q-values kept) the forwarder can decode."""
     kept = [
@@ -156,6 +175,7 @@ def readable_codings(accept_encoding: str) -> str:
     return ", ".join(kept)
 
 
+@functools.lru_cache(maxsize=256)
 def _content_type(value: str | None) -> str:
     """The client's Content-Type while it still describes the body sent: one Jitsu accepts
     (gin's ContentType(), cut at ' ' or ';', ends with application/json or text/plain, case as
@@ -186,6 +206,8 @@ def header_text(value: str) -> str:
     """A request header value as something we can store and send: aiohttp hands over invalid
     UTF-8 as lone surrogates (surrogateescape), which SQLite refuses and aiohttp's client sends
     as an empty value. Those bytes become U+FFFD, as Go's JSON encoding stores them in Jitsu."""
+    if value.isascii():
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -66,6 +66,10 @@ async def preflight(request: web.Request) -> web.Response:
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refusing (413) before reading more than `limit` bytes, and (408) a
     client that takes longer than `server.body_timeout_s` to send it."""
+    if request.content.is_eof():
+        # All of it is here already (a small body comes with its headers): nothing to wait
+        # for, so no timer to arm and cancel (issue 9: some 8 µs per request).
+        return await _read_capped(request, limit)
     timeout = request.app[APP_STATE].config.server.body_timeout_s
     try:
         async with asyncio.timeout(timeout):

@@ -8,6 +8,7 @@ Jitsu reference: research notes §3.2 (content type, gzip, sizes), §3.5 (event 
 from __future__ import annotations
 
 import base64
+import datetime
 import gzip
 import json
 import uuid
@@ -15,12 +16,17 @@ import zlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import MultiDict
 
-from proxy.auth import KeySource, WriteKey
+from proxy.auth import KeySource, WriteKey, mask_key
+from proxy.config import LimitsConfig
 from proxy.envelope import (
     MAX_EVENT_NAME,
     Envelope,
+    PreparedBatch,
+    accepted_at,
     build_envelope,
     check_content_type,
     decompress,
@@ -31,7 +37,9 @@ from proxy.envelope import (
     parse_batch_payload,
     parse_single,
     pixel_destination,
+    prepare_batch,
     resolve_type,
+    split_batch,
 )
 from proxy.errors import IngestError
 
@@ -403,6 +411,92 @@ def test_ensure_message_id() -> None:
     assert ensure_message_id(event) == new_id  # stable across retries
 
 
+# ---- orjson, only where it writes json's bytes (issue 9) ---------------------------------
+
+
+def json_bytes(obj: Any) -> bytes:
+    """What the proxy forwarded before orjson: json.dumps, compact, UTF-8; a lone surrogate
+    (no UTF-8 form) escaped."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+# Lone surrogates included: a \ud800 escape in a body reads as one.
+TEXT = st.text(st.characters(exclude_categories=()), max_size=8)
+# Where orjson and json write floats differently (below 1e-4), or read numbers differently
+# (integers past 64 bits), besides everything else.
+NUMBERS = (
+    st.integers()
+    | st.integers(min_value=2**62, max_value=2**66)
+    | st.integers(min_value=-(2**66), max_value=-(2**62))
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=-1e-3, max_value=1e-3)
+    | st.sampled_from([1e16, 1e-5, 2.5e-7, 0.0001, -0.0, 5e-324, 1.7976931348623157e308])
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | NUMBERS | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None)
+
+
+STYLES = st.sampled_from(["compact", "ascii", "spaced", "indented"])
+
+
+def spelled(payload: Any, style: str) -> bytes:
+    """A payload as some client might send it: compact, ASCII-escaped, spaced or indented."""
+    if style == "compact":
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    elif style == "ascii":
+        text = json.dumps(payload)
+    else:
+        text = json.dumps(payload, ensure_ascii=False, indent=2 if style == "indented" else None)
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate as (invalid) UTF-8 bytes
+
+
+@FUZZ
+@given(value=JSON_VALUES)
+def test_events_are_written_as_json_writes_them(value: Any) -> None:
+    payload = {"context": {"v": value}, "batch": []}
+    assert encode_batch(payload) == json_bytes(payload)
+
+
+@FUZZ
+@given(
+    value=JSON_VALUES,
+    message_id=TEXT.filter(bool) | NUMBERS,
+    has_timestamp=st.booleans(),
+    write_key=st.none() | TEXT,
+    style=STYLES,
+)
+def test_parse_single_forwards_what_the_json_reading_forwards(
+    value: Any, message_id: Any, has_timestamp: bool, write_key: str | None, style: str
+) -> None:
+    """orjson reads the event where it reads it as json does; either way the same bytes go
+    upstream, whatever the client's spelling of them."""
+    event: dict[str, Any] = {"type": "track", "event": "e", "messageId": message_id}
+    event["properties"] = {"p": value}
+    if has_timestamp:
+        event["timestamp"] = "2024-01-01T00:00:00.000Z"
+    if write_key is not None:
+        event["writeKey"] = write_key
+    data = spelled(event, style)
+    stamp = "2024-06-01T00:00:00.000Z"
+
+    raw, got_id = parse_single(data, "track", BIG, stamp)
+
+    reference = json.loads(data)
+    expected_id = ensure_message_id(reference)
+    reference.setdefault("timestamp", stamp)
+    if isinstance(write_key, str) and write_key and not write_key.endswith(":***"):
+        reference["writeKey"] = mask_key(write_key)
+    assert raw == json_bytes(reference)
+    assert got_id == expected_id
+
+
 # ---- parse_batch_payload -----------------------------------------------------------------
 
 
@@ -594,6 +688,79 @@ def test_forward_path(query: dict[str, str], expected: str) -> None:
 def test_forward_path_multidict_keeps_repeated_params() -> None:
     query = MultiDict([("a", "1"), ("writekey", "kid:secret"), ("a", "2")])
     assert forward_path("/v1/batch", query) == "/v1/batch?a=1&a=2"
+
+
+BATCH_EVENTS = (
+    st.fixed_dictionaries(
+        {"messageId": TEXT.filter(bool) | NUMBERS},
+        optional={
+            "type": st.sampled_from(["track", "page", "nope"]) | JSON_VALUES,
+            "event": TEXT | JSON_VALUES,
+            "timestamp": TEXT,
+            "writeKey": TEXT,
+            "properties": JSON_VALUES,
+        },
+    )
+    | JSON_VALUES.filter(lambda v: not isinstance(v, dict))  # not an object: refused
+)
+
+
+@FUZZ
+@given(
+    events=st.lists(BATCH_EVENTS, max_size=5),
+    context=st.none() | st.dictionaries(TEXT, JSON_VALUES, max_size=3),
+    extra=st.dictionaries(TEXT, JSON_VALUES, max_size=2),
+    style=STYLES,
+    max_events=st.sampled_from([2, 10_000]),
+)
+def test_prepare_batch_forwards_what_the_json_reading_forwards(
+    events: list[Any], context: Any, extra: dict[str, Any], style: str, max_events: int
+) -> None:
+    """orjson reads the batch where it reads it as json does; either way the same pieces go
+    upstream and the same answer goes back."""
+    payload: dict[str, Any] = {**extra, "batch": events}
+    if context is not None:
+        payload["context"] = context
+    body = spelled(payload, style)
+    limits = LimitsConfig(max_batch_events=max_events, max_batch_errors=3)
+    stamp = "2024-06-01T00:00:00.000Z"
+
+    try:
+        got: Any = prepare_batch(body, "", limits, 600, stamp, 10)
+    except IngestError as exc:
+        got = exc.message
+
+    try:
+        reference = parse_batch_payload(body, max_events)
+        result = filter_batch(reference, limits.max_event_bytes, 3, stamp)
+        expected: Any = PreparedBatch(
+            reference.get("writeKey"), result.received, result.errors, split_batch(result, 600, 10)
+        )
+    except IngestError as exc:
+        expected = exc.message
+    assert got == expected
+
+
+# ---- accepted_at -------------------------------------------------------------------------
+
+
+def datetime_stamp(now: float) -> str:
+    """accepted_at as it was written before issue 9: datetime and strftime per event."""
+    moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@pytest.mark.parametrize(
+    "now", [0.0, 1717200000.0, 1717200000.9995, 1717200000.9999995, 1717200059.99999949, 4e9]
+)
+def test_accepted_at_is_utc_with_milliseconds(now: float) -> None:
+    assert accepted_at(now) == datetime_stamp(now)
+
+
+@FUZZ
+@given(now=st.floats(min_value=0, max_value=4e9))
+def test_accepted_at_rounds_as_datetime_does(now: float) -> None:
+    assert accepted_at(now) == datetime_stamp(now)
 
 
 # ---- build_envelope ----------------------------------------------------------------------
