@@ -22,7 +22,9 @@ def event(message_id: str) -> dict[str, Any]:
         "messageId": message_id,
         "anonymousId": "anon-4711",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "properties": {"plan": "pro", "value": 42, "currency": "EUR"},
+        # Its id again: events alike but for their messageId are twins Jitsu's in-batch
+        # dedup would merge, and the proxy never sends twins in one batch (upstream.coalesce).
+        "properties": {"plan": "pro", "value": 42, "currency": "EUR", "order": message_id},
         "context": {
             "library": {"name": "jitsu-bench", "version": "0.1.0"},
             "page": {"url": "https://example.com/pricing", "path": "/pricing", "title": "Pricing"},
@@ -32,22 +34,26 @@ def event(message_id: str) -> dict[str, Any]:
     }
 
 
-EVENT_HEAD, EVENT_TAIL = json.dumps(event(_MARK), separators=(",", ":")).split(_MARK)
+EVENT_HEAD, _middle, _end = json.dumps(event(_MARK), separators=(",", ":")).split(_MARK)
+# Everything after the messageId, the id's second place marked (post.lua fills it too).
+EVENT_TAIL = _middle + _MARK + _end
 
 
 class Bodies:
     """Request bodies for one run: one bare event each, or a /v1/batch body of `per_request`."""
 
     def __init__(self, run_id: int, per_request: int, thread: int = PYTHON_THREAD) -> None:
-        self.head = f"{EVENT_HEAD}b{run_id}-".encode()
-        self.tail = EVENT_TAIL.encode()
+        self.head = EVENT_HEAD.encode()
+        self.prefix = f"b{run_id}-".encode()
+        self.middle, self.tail = (part.encode() for part in EVENT_TAIL.split(_MARK))
         self.per_request = per_request
         self.thread = thread
         self.counter = 0
 
     def _event(self) -> bytes:
         self.counter += 1
-        return b"%s%d%s" % (self.head, self.counter * SEQ_STRIDE + self.thread, self.tail)
+        mid = b"%s%d" % (self.prefix, self.counter * SEQ_STRIDE + self.thread)
+        return b"%s%s%s%s%s" % (self.head, mid, self.middle, mid, self.tail)
 
     def __call__(self) -> bytes:
         if not self.per_request:

@@ -2,7 +2,8 @@
 -- upstream counts distinct events delivered, not requests. A counter per wrk thread, the
 -- thread's number in the low bits: "b<run>-<seq>" is unique within a run.
 -- Arguments after `--`: run id, events per request (0: one bare event, else a /v1/batch body),
--- write key, the event's JSON up to its messageId value, and from after it.
+-- write key, the event's JSON up to its messageId value, and from after it (where
+-- @MESSAGE_ID@ marks a second place for the id: events alike but for it would be twins).
 
 local threads = 0
 
@@ -16,15 +17,17 @@ local counter = 0
 function init(args)
   run = args[1]
   per = tonumber(args[2])
-  head = args[4] .. "b" .. run .. "-"
-  tail = args[5]
+  head = args[4]
+  prefix = "b" .. run .. "-"
+  middle, tail = args[5]:match("^(.-)@MESSAGE_ID@(.*)$")
   headers = {["Content-Type"] = "application/json", ["X-Write-Key"] = args[3]}
   tid = tid or 0
 end
 
 local function event()
   counter = counter + 1
-  return head .. string.format("%d", counter * 16 + tid) .. tail
+  local id = prefix .. string.format("%d", counter * 16 + tid)
+  return head .. id .. middle .. id .. tail
 end
 
 function request()
