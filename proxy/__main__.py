@@ -97,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # One app on both listeners; the app tells them apart by the port a request came in on.
         admin = [_listen(server.admin_host, server.admin_port)] if server.admin_port else []
+        loop = _event_loop()
+        # aiohttp drains on SIGTERM and SIGINT; SIGHUP would kill the process without a drain.
+        loop.add_signal_handler(signal.SIGHUP, _hang_up)
         web.run_app(
             create_app(config),
             host=server.host,
             port=server.port,
             sock=admin,
-            loop=_event_loop(),
+            loop=loop,
             **_run_options(config),
         )
     except BufferError_ as exc:
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("proxy_stopped")
     return 0
+
+
+def _hang_up() -> None:
+    raise web.GracefulExit()
 
 
 def _run_options(config: Config) -> dict[str, Any]:
@@ -170,15 +177,15 @@ def _serve_worker(
 
 
 def _drain_on_first_signal(loop: asyncio.AbstractEventLoop) -> None:
-    """SIGTERM (from the supervisor) or SIGINT (a terminal's Ctrl-C reaches the whole group):
-    the first starts the drain, later ones must not cut it short."""
+    """SIGTERM (from the supervisor), SIGINT (a terminal's Ctrl-C reaches the whole group) or
+    SIGHUP: the first starts the drain, later ones must not cut it short."""
 
     def first() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in supervisor.DRAIN_SIGNALS:
             loop.add_signal_handler(sig, lambda: None)
         raise web.GracefulExit()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in supervisor.DRAIN_SIGNALS:
         loop.add_signal_handler(sig, first)
 
 

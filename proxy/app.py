@@ -396,6 +396,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     async def loop() -> None:
         while True:
             ops.publish_report(state)
+            view.everyone()  # keeps the last report of each in mind, should the files go
             await asyncio.sleep(fleet.PUBLISH_EVERY_S)
 
     task = asyncio.create_task(loop(), name="fleet-report")

@@ -134,6 +134,8 @@ class Fleet:
         self.carried: list[Family] = []
         # Publishing failed last time (said once in the log, not every time).
         self.failing = False
+        # Each worker's last report read, and when it was written.
+        self._last: dict[int, tuple[float, Report]] = {}
 
     def _file(self, index: int) -> Path:
         return self.dir / f"worker-{index}.json"
@@ -158,9 +160,14 @@ class Fleet:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # never write through something planted under that name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(json.dumps(payload, separators=(",", ":")).encode())
-        os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(json.dumps(payload, separators=(",", ":")).encode())
+            os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk must not collect empty files too
+            raise
 
     def others(self) -> list[Report | None]:
         """The last report of every other worker, None for one that never published."""
@@ -171,16 +178,22 @@ class Fleet:
         return [self._read(i) for i in range(self.worker.count)]
 
     def _read(self, index: int) -> Report | None:
+        """The worker's report; the last one read if its file cannot be read now (the
+        directory was removed, the disk is full): figures never go back for that."""
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             payload = json.loads(_read_report(self._file(index)))
-            return Report(
-                index,
-                int(payload["pid"]),
-                max(0.0, time.time() - float(payload["at"])),
-                dict(payload["status"]),
-                list(payload["metrics"]),
+            at = float(payload["at"])
+            self._last[index] = (
+                at,
+                Report(
+                    index, int(payload["pid"]), 0.0, dict(payload["status"]), payload["metrics"]
+                ),
             )
-        return None
+        last = self._last.get(index)
+        if last is None:
+            return None
+        at, report = last
+        return dataclasses.replace(report, age_s=max(0.0, time.time() - at))
 
 
 def _read_report(path: Path) -> bytes:

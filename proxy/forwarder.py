@@ -975,11 +975,24 @@ def _browser_body(body: bytes, key: str | None, whole: bool) -> bytes | None:
         return None
     if not key:
         return body
-    decoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     secret = key.split(":", 1)[-1]
-    if secret in decoded or secret in body.decode("utf-8", "replace"):
-        return redact(decoded, key).encode()
+    masked = _redact_strings(payload, key)
+    if masked != payload or secret in body.decode("utf-8", "replace"):
+        # Masked in the decoded strings: in the JSON text a secret with " or \ in it is
+        # escaped, and a search there misses it (second attack pass, finding 2).
+        return json.dumps(masked, ensure_ascii=False, separators=(",", ":")).encode()
     return body
+
+
+def _redact_strings(value: Any, key: str) -> Any:
+    """`value` (decoded JSON) with the key's secret masked in every string, keys included."""
+    if isinstance(value, str):
+        return redact(value, key)
+    if isinstance(value, list):
+        return [_redact_strings(v, key) for v in value]
+    if isinstance(value, dict):
+        return {redact(k, key): _redact_strings(v, key) for k, v in value.items()}
+    return value
 
 
 def _jitsu_error(method: str, body: bytes, header: str | None, key: str | None) -> str | None:

@@ -222,10 +222,13 @@ async def metrics(request: web.Request) -> web.Response:
     else:
         # Totals from the reports alone, this worker's written first: two scrapes answered by
         # two workers a moment apart add up the same files, each only grown since.
-        published = publish_report(state)
+        publish_report(state)
         reports: list[list[fleet.Family]] = []
         for index, report in enumerate(view.everyone()):
-            if index == view.worker.index and not published:
+            if index == view.worker.index and report is None:
+                # Never published (buffer.path/workers/ cannot be written): its own figures.
+                # Once it has, its last report stands even while publishing fails, so that
+                # totals stay put instead of going back (second attack pass, F3).
                 reports.append(fleet.add_up([fleet.families(state.metrics.registry), view.carried]))
             elif report is not None:
                 # A worker that stopped reporting still counted what it counted; its gauges

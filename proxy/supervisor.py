@@ -27,7 +27,10 @@ from proxy.fleet import Worker
 
 log = structlog.get_logger("proxy.supervisor")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+# SIGHUP too: a closed terminal or a `kill -HUP` drains like SIGTERM, instead of killing the
+# supervisor without a word (second attack pass, F4).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SIGNALS = {*DRAIN_SIGNALS, signal.SIGCHLD}
 # A worker that dies within this long of its start is restarted after a growing delay.
 STABLE_AFTER_S = 10.0
 FIRST_RESTART_DELAY_S = 0.1
@@ -170,7 +173,7 @@ class Supervisor:
             self._read_ready()
             self._reap()
             self._kill_hung()
-            if sig is not None and sig.si_signo in (signal.SIGTERM, signal.SIGINT):
+            if sig is not None and sig.si_signo in DRAIN_SIGNALS:
                 if not self.stopping:
                     log.info("proxy_draining", signal=signal.Signals(sig.si_signo).name)
                     self._stop_all()

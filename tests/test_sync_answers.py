@@ -220,3 +220,19 @@ async def test_the_first_browser_to_meet_an_outage_is_not_kept_for_the_retries(
     assert time.monotonic() - started < 1.5
     await upstream.start()
     await upstream.wait_for(lambda f: "first" in f.delivered_set, timeout=15)
+
+
+async def test_a_secret_with_quotes_or_backslashes_is_masked_in_jitsus_answer(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Second attack pass, F2: the secret was looked for in the JSON text, where Jitsu's echo
+    of it has " and \\ escaped; the browser got the key whole."""
+    proxy = await make_proxy()
+    key = 'kid:Se"Cr\\Et77x'
+    upstream.script.append(Answer(401, {"error": f"stream not found: [writeKey: {key}]"}))
+    resp = await proxy.post(
+        "/api/s/page", headers={"X-Write-Key": key}, json={"type": "page", "messageId": "q1"}
+    )
+    text = await resp.text()
+    assert "kid:***" in text
+    assert "Se" not in text.replace("\\", "")

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.fleet import PUBLISH_EVERY_S
 from tests.fakejitsu import FakeJitsu
 from tests.procs import KEY, ROOT, SECRET, ProxyProcess, Spawn, post_events
 
@@ -97,7 +98,8 @@ async def test_two_workers_share_the_port_and_report_totals(
 ) -> None:
     await upstream.stop()
     proxy = spawn(**TWO)
-    proxy.start()
+    # As the image runs it: print()'s two writes per line interleaved between workers then.
+    proxy.start(env={"PYTHONUNBUFFERED": "1"})
     await proxy.wait_ready()
     workers = await _workers(session, proxy)
     assert [w["index"] for w in workers] == [0, 1]
@@ -124,6 +126,8 @@ async def test_two_workers_share_the_port_and_report_totals(
     assert await proxy.terminate_async() == 0
     await _gone(pids)
     events = [line["event"] for line in proxy.log_lines()]
+    assert "unparsed" not in events, [x for x in proxy.log_lines() if x["event"] == "unparsed"][:3]
+    assert len(events) > 250  # a request line per request, from both workers at once
     assert events.count("worker_drained") == 2
     assert "proxy_stopped" in events
     assert SECRET not in proxy.log_text()
@@ -458,3 +462,75 @@ async def test_a_second_proxy_on_the_same_port_or_buffer_does_not_start(
     state = await first.readyz(session)
     assert state is not None and state["status"] == "pass"
     assert await first.terminate_async() == 0
+
+
+@pytest.mark.timeout(90)
+async def test_log_lines_of_all_workers_stay_whole(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession
+) -> None:
+    """Attack pass 2, finding 1: with stdout unbuffered (as the image runs it), print() wrote
+    a line and its newline apart, and two workers' lines ran together (42 in 6,019)."""
+    proxy = spawn(**TWO)
+    proxy.start(env={"PYTHONUNBUFFERED": "1"})
+    await proxy.wait_ready()
+    ids = _ids("lines", 2500)
+    assert await post_events(session, proxy, ids, concurrency=32) == set(ids)
+    await upstream.wait_for(lambda f: set(ids) <= f.delivered_set, timeout=30)
+    assert await proxy.terminate_async() == 0
+    lines = proxy.log_lines()
+    assert len(lines) > 2000
+    broken = [line["line"][:120] for line in lines if line["event"] == "unparsed"]
+    assert not broken, broken[:3]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_drains_like_sigterm(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, workers: int
+) -> None:
+    """Second attack pass, F4: SIGHUP (a closed terminal) killed the proxy at once, without
+    a drain or a line in the log."""
+    proxy = spawn(server={"workers": workers})
+    proxy.start()
+    await proxy.wait_ready()
+    ids = _ids(f"hup{workers}", 60)
+    assert await post_events(session, proxy, ids) == set(ids)
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGHUP)
+    code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
+    assert code == 0
+    events = [line["event"] for line in proxy.log_lines()]
+    assert events[-1] == "proxy_stopped" and "buffer_closed" in events
+
+
+@pytest.mark.timeout(60)
+async def test_totals_stay_put_while_reports_cannot_be_written(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Second attack pass, F3: with buffer.path/workers/ unwritable each worker added its live
+    figures to the other's last report, and the totals went 252 -> 248."""
+    proxy = spawn(**TWO)
+    proxy.start()
+    await proxy.wait_ready()
+    ids = _ids("put", 200)
+    assert await post_events(session, proxy, ids) == set(ids)
+    await _wait_metric(session, proxy, "proxy_events_accepted_total", 200)
+    await asyncio.sleep(3 * PUBLISH_EVERY_S)  # each worker has read the other's last report
+    reports = tmp_path / "buffer" / "workers"
+    for entry in reports.iterdir():
+        entry.unlink()
+    reports.rmdir()
+    reports.write_text("not a directory: no report can be written")
+    more = _ids("put2", 200)
+    assert await post_events(session, proxy, more) == set(more)
+    seen = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(40):
+            async with fresh.get(f"{proxy.url}/metrics") as resp:
+                text = await resp.text()
+            line = next(x for x in text.splitlines() if x.startswith("proxy_events_accepted_total"))
+            seen.append(float(line.split()[1]))
+    assert seen == sorted(seen), seen
+    reports.unlink()  # writable again: the totals catch up
+    await _wait_metric(session, proxy, "proxy_events_accepted_total", 400)
+    assert await proxy.terminate_async() == 0
