@@ -321,10 +321,24 @@ def _event_size_check(raw: bytes, max_event_bytes: int) -> None:
 
 
 def _mask_body_key(event: dict[str, Any], field: str = "writeKey") -> None:
-    """jitsu-js puts a masked key in the body; anything else there would carry the secret."""
+    """jitsu-js puts a masked key in the body; anything else there would carry the secret,
+    a key inside a list or an object too (second attack pass of issue 9)."""
     body_key = event.get(field)
-    if isinstance(body_key, str) and body_key and not body_key.endswith(":***"):
-        event[field] = mask_key(body_key)
+    if isinstance(body_key, str):
+        if body_key and not body_key.endswith(":***"):
+            event[field] = mask_key(body_key)
+    elif isinstance(body_key, list | dict):
+        event[field] = _mask_strings(body_key)
+
+
+def _mask_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_key(value) if value and not value.endswith(":***") else value
+    if isinstance(value, list):
+        return [_mask_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mask_strings(v) for k, v in value.items()}
+    return value
 
 
 def parse_single(

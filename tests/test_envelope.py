@@ -814,3 +814,18 @@ def test_an_event_too_deep_to_write_out_is_its_own_error_not_a_crash() -> None:
 )
 def test_pixel_destination_is_where_jitsu_redirects(path: str, destination: str | None) -> None:
     assert pixel_destination(path) == destination
+
+
+def test_a_key_inside_a_list_or_an_object_in_the_body_is_masked_too() -> None:
+    """Second attack pass of issue 9: only a string writeKey was masked; ["kid:SECRET"] went
+    upstream, and into the buffer, as it came."""
+    key = "kid0:TopSecret123"
+    odd = [key, {"nested": key}, 7, None, "kid0:***"]
+    raw, _mid = parse_single(
+        json.dumps({"type": "track", "event": "e", "writeKey": odd}).encode(), "track", 10**6
+    )
+    assert json.loads(raw)["writeKey"] == ["kid0:***", {"nested": "kid0:***"}, 7, None, "kid0:***"]
+    batch = {"batch": [{"type": "track", "event": "e", "writeKey": {"k": [key]}}]}
+    prepared = prepare_batch(json.dumps(batch).encode(), "", LimitsConfig(), 10**6)
+    ((body, _n),) = prepared.pieces
+    assert b"TopSecret123" not in body
