@@ -209,10 +209,8 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket for the admin listener (the public one aiohttp opens itself)."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return socket.create_server(address, family=family)
+    family, addr = supervisor.address(host, port)
+    return socket.create_server(addr, family=family)
 
 
 def _dead_letters(

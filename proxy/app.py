@@ -440,7 +440,11 @@ async def _drain_orphan(state: AppState, path: Path) -> None:
             # Its old worker is still draining it: try again later.
             await asyncio.sleep(ADOPTION_POLL_S)
         except BufferError_ as exc:
-            log.error("shard_unusable", shard=name, error=relative(str(exc), state))
+            log.error(
+                "shard_unusable",
+                shard=name,
+                error=ops.relative_to_buffer(str(exc), state.buffer_base),
+            )
             return
     adoption = Adoption(buffer)
     try:
@@ -458,10 +462,6 @@ async def _drain_orphan(state: AppState, path: Path) -> None:
         if adoption in state.adopted:
             state.adopted.remove(adoption)
         await buffer.close()
-
-
-def relative(text: str, state: AppState) -> str:
-    return ops.relative_to_buffer(text, state.buffer_base)
 
 
 async def _on_shutdown(app: web.Application) -> None:

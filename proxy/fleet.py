@@ -169,9 +169,9 @@ class Fleet:
                 os.unlink(tmp)  # a full disk must not collect empty files too
             raise
 
-    def others(self) -> list[Report | None]:
-        """The last report of every other worker, None for one that never published."""
-        return [self._read(i) for i in range(self.worker.count) if i != self.worker.index]
+    def others(self) -> dict[int, Report | None]:
+        """The last report of every other worker by index, None for one that never published."""
+        return {i: self._read(i) for i in range(self.worker.count) if i != self.worker.index}
 
     def everyone(self) -> list[Report | None]:
         """The last report of every worker, this one's included."""

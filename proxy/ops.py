@@ -130,19 +130,16 @@ async def readyz(request: web.Request) -> web.Response:
 def _fleet_status(view: fleet.Fleet, own: dict[str, Any]) -> dict[str, Any]:
     """Every worker's status as one: ready only when every worker reports, fresh, that it
     is; counts are totals, flags hold if they hold anywhere."""
-    reports: list[tuple[int, int, float, dict[str, Any] | None]] = [
-        (view.worker.index, os.getpid(), 0.0, own)
-    ]
-    for i, report in zip(
-        (i for i in range(view.worker.count) if i != view.worker.index),
-        view.others(),
-        strict=True,
-    ):
-        if report is None:
+    others = view.others()
+    reports: list[tuple[int, int, float, dict[str, Any] | None]] = []
+    for i in range(view.worker.count):
+        report = others.get(i)
+        if i == view.worker.index:
+            reports.append((i, os.getpid(), 0.0, own))
+        elif report is None:
             reports.append((i, 0, -1.0, None))
         else:
             reports.append((i, report.pid, report.age_s, report.status if report.fresh else None))
-    reports.sort(key=lambda r: r[0])
     live = [status for *_, status in reports if status is not None]
     ready = len(live) == len(reports) and all(s["ready"] for s in live)
     buffers = [s["buffer"] for s in live]

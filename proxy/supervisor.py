@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
@@ -57,28 +57,32 @@ class StartError(Exception):
         self.event = event
 
 
+def address(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
+    """The family and address a listener on host:port binds."""
+    family, _, _, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, addr
+
+
 def check_free(host: str, port: int) -> None:
     """SO_REUSEPORT lets another program of this user share the port without a word (a second
     proxy started by mistake would take a share of the connections): bind it alone first."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, address_ = address(host, port)
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         # Connections of an earlier run in TIME_WAIT are no one's: only a listener counts.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
+        probe.bind(address_)
 
 
 def listen(host: str, port: int) -> socket.socket:
     """One member of the port's SO_REUSEPORT group."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, address_ = address(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
+        sock.bind(address_)
         sock.listen(1024)
     except OSError:
         sock.close()
@@ -121,8 +125,8 @@ class Supervisor:
         self.failed = False
         self.served = False  # some worker got ready at some point
         self._lock_fd: int | None = None
-        self._ready_r, self._ready_w = os.pipe()
-        os.set_blocking(self._ready_r, False)
+        self._beats_r, self._beats_w = os.pipe()
+        os.set_blocking(self._beats_r, False)
 
     def start(self) -> None:
         """Take buffer.path for this supervisor, check the ports are free, bind the sockets;
@@ -170,7 +174,7 @@ class Supervisor:
         deadline: float | None = None
         while True:
             sig = signal.sigtimedwait(SIGNALS, self._wait_s())
-            self._read_ready()
+            self._read_beats()
             self._reap()
             self._kill_hung()
             if sig is not None and sig.si_signo in DRAIN_SIGNALS:
@@ -225,14 +229,14 @@ class Supervisor:
             parent = os.getppid()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             _die_with_parent(parent)
-            os.close(self._ready_r)
+            os.close(self._beats_r)
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # the lock is the supervisor's alone
             for other in self.slots:
                 if other is not slot:
                     other.close_sockets()
             structlog.contextvars.bind_contextvars(worker=slot.index)
-            beats = self._ready_w
+            beats = self._beats_w
             os.set_blocking(beats, False)
 
             def beat() -> None:
@@ -245,10 +249,10 @@ class Supervisor:
         finally:
             os._exit(code)
 
-    def _read_ready(self) -> None:
+    def _read_beats(self) -> None:
         now = time.monotonic()
         with contextlib.suppress(BlockingIOError):
-            while beats := os.read(self._ready_r, 4096):
+            while beats := os.read(self._beats_r, 4096):
                 for index in beats:
                     if index < len(self.slots) and self.slots[index].pid is not None:
                         self.slots[index].ready = True
@@ -288,7 +292,7 @@ class Supervisor:
                     self.failed = True
                 log.info("worker_stopped", worker=slot.index, pid=pid, exit_code=code)
                 continue
-            self._read_ready()
+            self._read_beats()
             self.served = self.served or any(s.ready for s in self.slots)
             others = [s for s in self.slots if s is not slot and s.pid is not None]
             if not slot.ready and not self.served and not others:

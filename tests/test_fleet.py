@@ -46,7 +46,7 @@ def test_a_restarted_worker_carries_on_its_predecessors_counters(tmp_path: Path)
     assert [f["name"] for f in second.carried] == ["proxy_events_accepted", "proxy_requests"]
     second.publish({"ready": True}, fleet.families(_registry(2, 1, 1)))
 
-    (report,) = Fleet(tmp_path, Worker(0, 2)).others()
+    report = Fleet(tmp_path, Worker(0, 2)).others()[1]
     assert report is not None and report.fresh and report.pid == os.getpid()
     text = fleet.render(report.metrics).decode()
     assert "proxy_events_accepted_total 7.0" in text
@@ -57,10 +57,10 @@ def test_a_worker_that_never_reported_is_none_and_an_old_run_is_forgotten(
     tmp_path: Path,
 ) -> None:
     Fleet(tmp_path, Worker(1, 2)).publish({"ready": True}, [])
-    assert Fleet(tmp_path, Worker(0, 3)).others()[0] is not None
-    assert Fleet(tmp_path, Worker(0, 3)).others()[1] is None
+    assert Fleet(tmp_path, Worker(0, 3)).others()[1] is not None
+    assert Fleet(tmp_path, Worker(0, 3)).others()[2] is None
     fleet.clear(tmp_path)
-    assert Fleet(tmp_path, Worker(0, 2)).others() == [None]
+    assert Fleet(tmp_path, Worker(0, 2)).others() == {1: None}
 
 
 def test_each_orphaned_shard_goes_to_exactly_one_worker(tmp_path: Path) -> None:
