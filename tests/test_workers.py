@@ -20,7 +20,7 @@ import pytest
 
 from proxy.fleet import PUBLISH_EVERY_S
 from tests.fakejitsu import FakeJitsu
-from tests.procs import KEY, ROOT, SECRET, ProxyProcess, Spawn, post_events
+from tests.procs import KEY, ROOT, SECRET, ProxyProcess, Spawn, free_port, post_events
 
 TWO = {"server": {"workers": 2}}
 
@@ -533,4 +533,26 @@ async def test_totals_stay_put_while_reports_cannot_be_written(
     assert seen == sorted(seen), seen
     reports.unlink()  # writable again: the totals catch up
     await _wait_metric(session, proxy, "proxy_events_accepted_total", 400)
+    assert await proxy.terminate_async() == 0
+
+
+@pytest.mark.timeout(60)
+async def test_the_admin_listener_is_served_by_every_worker(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession
+) -> None:
+    """server.admin_port with workers: each worker has a socket of its own on it too, the
+    totals are there, and the public port answers /metrics with 404."""
+    proxy = spawn(server={"workers": 2, "admin_port": free_port()})
+    proxy.start()
+    await proxy.wait_ready()  # on the admin port
+    ids = _ids("admin", 100)
+    assert await post_events(session, proxy, ids) == set(ids)
+    await _wait_metric(session, proxy, "proxy_events_accepted_total", 100)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(6):  # new connections: either worker answers
+            async with fresh.get(f"{proxy.url}/metrics") as resp:
+                assert resp.status == 404
+            async with fresh.get(f"{proxy.admin_url}/readyz") as resp:
+                assert resp.status == 200
+                assert len((await resp.json())["workers"]) == 2
     assert await proxy.terminate_async() == 0
