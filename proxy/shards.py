@@ -14,7 +14,10 @@ from proxy.buffer import DB_NAME
 SHARD_DIR = re.compile(r"shard-([1-9][0-9]*)")
 
 
-def worker_count(configured: int) -> int:
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def worker_count(configured: int, cpu_max: Path = CPU_MAX) -> int:
     """server.workers, or with 0 one per CPU this process may use: the CPUs it may run on (a
     container's cpuset), fewer under a CPU quota (a container's CPU limit, cgroup v2)."""
     if configured > 0:
@@ -23,13 +26,13 @@ def worker_count(configured: int) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
-    quota = cpu_quota()
+    quota = cpu_quota(cpu_max)
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
 
 
-def cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+def cpu_quota(path: Path = CPU_MAX) -> float | None:
     """CPUs' worth of time the cgroup may use ("max 100000": no limit, None)."""
     try:
         limit, period = path.read_text().split()[:2]

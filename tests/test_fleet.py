@@ -89,6 +89,11 @@ def test_workers_zero_means_one_per_usable_cpu(tmp_path: Path) -> None:
     assert shards.cpu_quota(limit) == 1.5
     limit.write_text("max 100000\n")
     assert shards.cpu_quota(limit) is None
+    assert shards.worker_count(0, limit) == cpus
+    # Half a CPU: one worker, however many cores the machine has.
+    limit.write_text("50000 100000\n")
+    assert shards.worker_count(0, limit) == 1
+    assert shards.worker_count(4, limit) == 4  # an explicit count stands
 
 
 def test_what_is_not_a_report_is_not_read(tmp_path: Path) -> None:
