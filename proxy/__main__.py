@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except BufferError_ as exc:
         log.error("buffer_unusable", error=str(exc))
         return 1
+    except ConfigError as exc:  # a TLS file that went away since the config was checked
+        log.error("config_invalid", error=str(exc))
+        return 1
     except OSError as exc:
         log.error("listen_failed", error=str(exc))
         return 1

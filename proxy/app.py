@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,8 @@ from proxy import classic, fleet, ops, routes
 from proxy.buffer import Buffer
 from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
+from proxy.egress import Egress, build_egress
+from proxy.egress import describe as describe_proxy
 from proxy.errors import (
     BufferClosedError,
     BufferError_,
@@ -228,6 +231,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
         ),
         offload=Offload(config.limits.inline_parse_bytes, config.limits.max_parse_queue),
         refusals=KeyRefusals(config.upstream.key_refusal_ttl_s),
+        egress=_egress(config),
         buffer_base=base,
         fleet=fleet.Fleet(base, worker) if worker is not None and count > 1 else None,
         orphans=adopted_by(base, index, count),
@@ -297,12 +301,14 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
     state.public_routes = routes.add_routes(app, config) | classic.add_routes(app, config)
     ops.add_routes(app, config)
     if routes.public_routes(config)[0]:
+        origin = config.script.origin or config.upstream.url.rstrip("/") + "/p.js"
         state.script = ScriptCache(
-            origin=config.script.origin or config.upstream.url.rstrip("/") + "/p.js",
+            origin=origin,
             cache_dir=Path(config.buffer.path).absolute() / "script",
             event_prefix=config.routes.event_prefix,
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,
+            proxy=state.egress.proxy_for(origin),
         )
     if config.routes.jitsu_paths:
         # Jitsu serves the classic tracker itself (ingest/router_classic_handler.go,
@@ -314,6 +320,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,
             name="lib.js",
+            proxy=state.egress.proxy_for(config.upstream.url),
         )
     app.cleanup_ctx.append(_buffer_ctx)
     app.cleanup_ctx.append(_offload_ctx)
@@ -323,6 +330,14 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
     app.cleanup_ctx.append(_adoption_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
+
+
+def _egress(config: Config) -> Egress:
+    egress = build_egress(config.upstream, os.environ)
+    proxy = egress.proxy_for(config.upstream.url)
+    if proxy is not None:
+        log.info("upstream_via_proxy", proxy=describe_proxy(proxy))
+    return egress
 
 
 async def _buffer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -343,7 +358,9 @@ async def _script_ctx(app: web.Application) -> AsyncIterator[None]:
     if not scripts:
         yield
         return
-    async with aiohttp.ClientSession() as session:
+    # The script comes from upstream (or script.origin) the way events go there: same TLS.
+    connector = aiohttp.TCPConnector(ssl=state.egress.connector_ssl)
+    async with aiohttp.ClientSession(connector=connector) as session:
         for script in scripts:
             await script.start(session)
         yield
@@ -361,8 +378,13 @@ async def _forwarding(state: AppState, buffer: Buffer) -> AsyncIterator[Forwarde
     sync = config.upstream.sync_max_in_flight if config.upstream.sync_browser else 0
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=config.upstream.concurrency * 2 + sync, keepalive_timeout=30
+            limit=config.upstream.concurrency * 2 + sync,
+            keepalive_timeout=30,
+            ssl=state.egress.connector_ssl,
         ),
+        # Resolved once, not per request as aiohttp's trust_env would (a thread hop each, and
+        # ~/.netrc credentials added to requests that carry the client's own Authorization).
+        proxy=state.egress.proxy_for(config.upstream.url),
         trace_configs=[forwarder.trace_config()],
         # The client's User-Agent goes upstream, or none: Jitsu stores it with the event, and
         # aiohttp's own ("Python/3.11 aiohttp/...") is no visitor's (issue 8). Jitsu keeps every

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from proxy.egress import build_egress
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "PROXY"
@@ -119,6 +120,17 @@ class UpstreamConfig:
     # IP policy, user agent, language and other headers) go upstream together in one batch
     # request (proxy.coalesce); false: one upstream request per buffered request.
     coalesce: bool = True
+    # On-prem networks (issue 10), for the forwarder and the script fetches alike. A PEM bundle
+    # of a private CA trusted for an https upstream, on top of the system's trust store.
+    ca_file: str = ""
+    # A client certificate (PEM, chain after it) and its key for upstreams that require mTLS;
+    # the password only if the key is encrypted.
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    client_key_password: str = ""
+    # Reach upstream through the egress proxy of HTTPS_PROXY / HTTP_PROXY (http:// only),
+    # except for hosts in NO_PROXY; read once at start. false: always connect directly.
+    trust_env: bool = False
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
 
 
@@ -255,6 +267,8 @@ def build_config(raw: Any, environ: Mapping[str, str]) -> Config:
     _reject_unknown_env(environ)
     config = _apply_env(config, environ, (ENV_PREFIX,), "")
     _check(config)
+    # The TLS files and the egress proxy are read now, so that a bad one stops the start.
+    build_egress(config.upstream, environ)
     return config
 
 

@@ -881,6 +881,12 @@ class Forwarder:
                 sent=hb.sent,
                 verdict=hb.verdict,
             )
+        except aiohttp.ClientSSLError as exc:
+            # Upstream's certificate does not verify (upstream.ca_file?) or the handshake
+            # failed: the path to upstream is wrong, not the row, which waits in the buffer.
+            # Caught before ValueError: ssl.CertificateError is one (issue 10).
+            reason = redact(f"TLS error: {type(exc).__name__}: {exc}", key)
+            return Attempt(Outcome.RETRY, None, reason)
         except (aiohttp.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
             # The stored request itself cannot be sent (a header or URL aiohttp refuses):
             # retrying cannot help, and it must not sit at the head of the queue for ever.

@@ -73,8 +73,11 @@ class ScriptCache:
         timeout_s: float = 10.0,
         max_bytes: int = 2 * 1024 * 1024,
         name: str = "p.js",
+        proxy: str | None = None,
     ) -> None:
         self.origin = origin
+        # The egress proxy for the origin (upstream.trust_env), None to connect directly.
+        self.proxy = proxy
         # The file name of the disk copy; one cache per script, each with its own.
         self.name = name
         self.log = log.bind(script=name)
@@ -156,7 +159,7 @@ class ScriptCache:
             headers["If-None-Match"] = self._origin_etag
         try:
             async with self._session.get(
-                self.origin, headers=headers, timeout=self.timeout
+                self.origin, headers=headers, timeout=self.timeout, proxy=self.proxy
             ) as resp:
                 if resp.status == 304:
                     self.fetched_at = time.time()

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.clientip import Network
 from proxy.config import Config
+from proxy.egress import Egress
 from proxy.fleet import Fleet
 from proxy.metrics import Metrics
 from proxy.offload import Offload
@@ -41,6 +42,8 @@ class AppState:
     offload: Offload
     # Upstream's "stream not found" per key, answered at the edge (the forwarder fills it).
     refusals: KeyRefusals
+    # How upstream is reached: TLS context and egress proxy, built once at start.
+    egress: Egress
     forwarder: Forwarder | None = None
     script: ScriptCache | None = None
     # /s/lib.js, the Classic API's script (with routes.jitsu_paths).

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Hashable
@@ -106,7 +107,9 @@ class FakeJitsu:
     `errors` for the events it names); `max_batch_events` / `max_body_bytes` make an ingress in
     front of it answer 413 to larger requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        # With a context: an https upstream (its certificate, and mTLS if the context asks).
+        self.ssl_context = ssl_context
         self.received: list[Received] = []
         self.script: collections.deque[Answer] = collections.deque()
         self.fault: Fault | None = None
@@ -137,7 +140,8 @@ class FakeJitsu:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -149,7 +153,7 @@ class FakeJitsu:
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         await site.start()
         if not self.port:
             self.port = self._runner.addresses[0][1]

@@ -39,6 +39,24 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def refused_start(config_path: Path, env: dict[str, str] | None = None) -> str:
+    """Start the proxy on a config it must refuse: exit 1, no traceback, and the one log
+    line saying why, which is returned."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(config_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin", **(env or {})},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert '"config_invalid"' in lines[0]
+    return lines[0]
+
+
 class ProxyProcess:
     def __init__(self, workdir: Path, upstream_url: str, **overrides: Any) -> None:
         self.workdir = workdir
