@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +13,8 @@ import pytest
 from proxy.buffer import DB_NAME, Buffer, DeadLetterFilter
 from proxy.envelope import Envelope
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.procs import ROOT, ProxyProcess
+from tests.procs import ProxyProcess
+from tests.procs import dead_letters_cli as cli
 
 SECRET = "deadSecretValue"
 
@@ -23,18 +22,6 @@ SECRET = "deadSecretValue"
 def envelope(mid: str) -> Envelope:
     body = json.dumps({"event": "e", "messageId": mid}).encode()
     return Envelope("/api/s/track", {"X-Write-Key": f"kid:{SECRET}"}, body, 1, "kid")
-
-
-async def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "proxy", "dead-letters", *args, "--config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_list_and_replay(tmp_path: Path) -> None:
