@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import os
 import re
 import signal
@@ -21,8 +19,7 @@ from aiohttp import web
 
 from proxy import __version__, deadletters, salvage, supervisor
 from proxy.app import create_app, server_options
-from proxy.auth import key_id, mask_key
-from proxy.buffer import DeadLetterFilter
+from proxy.auth import mask_key
 from proxy.config import Config, load_config
 from proxy.errors import BufferError_, ConfigError, ProxyError, UsageError
 from proxy.fleet import Worker
@@ -38,32 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Offline tools on a stopped proxy's buffer; without one of these words, serve.
     command = argv[0] if argv and argv[0] in {"salvage", "dead-letters"} else None
+    sub = ""
     if command == "salvage":
         parser.prog, parser.description = "proxy salvage", salvage.__doc__
         parser.add_argument("file", type=Path, help="a quarantined buffer.db")
     elif command == "dead-letters":
-        parser.prog, parser.description = "proxy dead-letters", deadletters.__doc__
-        parser.add_argument("--status", type=int, help="only those upstream answered with this")
-        parser.add_argument("--key-id", help="only those sent with this write-key id")
-        parser.add_argument("--since", help="only those that failed at or after this time")
-        parser.add_argument(
-            "--until", help="only those that failed before this time (ISO 8601 or unix seconds)"
-        )
-        parser.add_argument(
-            "--replay", action="store_true", help="move them back into the send queue"
-        )
-        # Checked after parsing: argparse would quote a bad value, secret and all.
-        parser.add_argument(
-            "--write-key", help="with --replay: send them under this keyId:secret instead"
-        )
+        sub, argv = deadletters.split_subcommand(argv[1:])
+        argv.insert(0, command)
+        parser.prog, parser.description = f"proxy dead-letters {sub}", deadletters.__doc__
+        deadletters.add_arguments(parser, sub)
     args = parser.parse_args(argv[1:] if command else argv)
+    # dead-letters writes its rows on stdout: its log lines (the summary too) go to stderr.
+    log_stream = sys.stderr if command == "dead-letters" else None
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        configure_logging()
+        configure_logging(stream=log_stream)
         structlog.get_logger("proxy").error("config_invalid", error=str(exc))
         return 1
-    configure_logging(config.log.level, config.log.format)
+    configure_logging(config.log.level, config.log.format, stream=log_stream)
     log = structlog.get_logger("proxy")
     if command is not None:
         try:
@@ -74,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 log.info("salvage_done", **result)
             else:
-                return _dead_letters(config, args, log)
+                deadletters.run(config, sub, args)
+        except UsageError as exc:
+            log.error(f"{command.replace('-', '_')}_failed", error=str(exc))
+            return 2
         except ProxyError as exc:
             log.error(f"{command.replace('-', '_')}_failed", error=str(exc))
             return 1
@@ -214,31 +207,6 @@ def _listen(host: str, port: int) -> socket.socket:
     """A listening socket for the admin listener (the public one aiohttp opens itself)."""
     family, addr = supervisor.address(host, port)
     return socket.create_server(addr, family=family)
-
-
-def _dead_letters(
-    config: Config, args: argparse.Namespace, log: structlog.typing.FilteringBoundLogger
-) -> int:
-    selection = DeadLetterFilter(
-        status=args.status,
-        key_id=args.key_id,
-        since=None if args.since is None else deadletters.parse_time("--since", args.since),
-        until=None if args.until is None else deadletters.parse_time("--until", args.until),
-    )
-    write_key = None
-    if args.write_key is not None:
-        if not args.replay:
-            raise UsageError("--write-key only applies with --replay")
-        write_key = deadletters.check_write_key(args.write_key)
-    if args.replay:
-        moved = asyncio.run(deadletters.replay(config, selection, write_key))
-        # The new key's id only: its secret never reaches a log line.
-        new_id = {"write_key_id": key_id(write_key)} if write_key is not None else {}
-        log.info("dead_letters_replayed", rows=moved, **dataclasses.asdict(selection), **new_id)
-    else:
-        for row in asyncio.run(deadletters.list_dead_letters(config, selection)):
-            print(json.dumps(row), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ MAX_GROUP = 1024
 MAX_REASON_CHARS = 2048
 # What a dead letter counts against buffer.max_dead_letter_bytes: its row and its reason.
 DEAD_SIZE = "size + length(CAST(reason AS BLOB))"
+# SQL function: is the second text in the first, whatever the case (SQLite's own lower() and
+# LIKE fold ASCII only, and LIKE would read % and _ in an operator's text as wildcards).
+CONTAINS_FOLDED = "contains_folded"
 
 # The salvage ledger: every row copied in from a quarantined file, by its (received_at, seq)
 # there, so that a second run (after a full buffer, or by mistake) copies nothing twice, even
@@ -143,6 +146,9 @@ class DeadLetterFilter:
     key_id: str | None = None
     since: float | None = None
     until: float | None = None
+    # A piece of the stored reason, any case ("stream not found").
+    reason: str | None = None
+    seq: int | None = None
 
     def sql(self) -> tuple[str, tuple[Any, ...]]:
         clauses: list[str] = []
@@ -152,6 +158,8 @@ class DeadLetterFilter:
             (self.key_id, "key_id = ?"),
             (self.since, "failed_at >= ?"),
             (self.until, "failed_at < ?"),
+            (self.reason, f"{CONTAINS_FOLDED}(reason, ?)"),
+            (self.seq, "seq = ?"),
         ):
             if value is not None:
                 clauses.append(clause)
@@ -317,6 +325,50 @@ class RowsSettlement(Write):
                 rows, size, events = rows - 1, size - moved[0], events - moved[1]
                 dead_rows, dead_bytes = dead_rows + 1, dead_bytes + moved[2]
         return Occupancy(rows, size, events, dead_rows, dead_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterPurge(Write):
+    """Dead letters deleted for good (`dead-letters purge`): they no longer count against
+    buffer.max_dead_letter_bytes."""
+
+    kind: ClassVar[str] = "purge_dead"
+
+    selection: DeadLetterFilter
+
+    def apply(self, conn: sqlite3.Connection) -> Occupancy:
+        where, params = self.selection.sql()
+        rows, size = conn.execute(
+            f"SELECT count(*), coalesce(sum({DEAD_SIZE}), 0) FROM dead_letter {where}", params
+        ).fetchone()
+        conn.execute(f"DELETE FROM dead_letter {where}", params)
+        return Occupancy(dead_rows=-rows, dead_bytes=-size)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """One dead letter whole, as `dead-letters show` and `export` read it: `headers` is the
+    stored JSON text, write key and all, for the caller to mask."""
+
+    seq: int
+    received_at: float
+    failed_at: float
+    key_id: str
+    method: str
+    path: str
+    headers: str
+    body: bytes
+    events: int
+    status: int | None
+    reason: str
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterCount:
+    rows: int = 0
+    events: int = 0
+    bytes: int = 0  # what they count against buffer.max_dead_letter_bytes
 
 
 @dataclasses.dataclass
@@ -504,6 +556,7 @@ class Buffer:
             self._sync_level = "FULL" if self.fsync else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {self._sync_level}")
             conn.execute("PRAGMA busy_timeout = 5000")
+            conn.create_function(CONTAINS_FOLDED, 2, _contains_folded, deterministic=True)
             conn.execute("PRAGMA journal_size_limit = 67108864")
             if version == 0:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -741,6 +794,34 @@ class Buffer:
             }
             for s, k, p, b, st, r, a, n, f in cur
         ]
+
+    def _dead_letter_page(
+        self, selection: DeadLetterFilter, after: int, limit: int
+    ) -> list[DeadLetter]:
+        conn = self._conn
+        assert conn is not None
+        where, params = selection.sql()
+        where = f"{where} AND seq > ?" if where else "WHERE seq > ?"
+        cur = conn.execute(
+            "SELECT seq, received_at, failed_at, key_id, method, path, headers, body, events,"
+            f" status, reason, attempts FROM dead_letter {where} ORDER BY seq LIMIT ?",
+            (*params, after, limit),
+        )
+        return [
+            DeadLetter(s, r, f, k, m, p, h, bytes(b), n, st, why, a)
+            for s, r, f, k, m, p, h, b, n, st, why, a in cur
+        ]
+
+    def _dead_letter_count(self, selection: DeadLetterFilter) -> DeadLetterCount:
+        conn = self._conn
+        assert conn is not None
+        where, params = selection.sql()
+        rows, events, size = conn.execute(
+            "SELECT count(*), coalesce(sum(events), 0),"
+            f" coalesce(sum({DEAD_SIZE}), 0) FROM dead_letter {where}",
+            params,
+        ).fetchone()
+        return DeadLetterCount(rows, events, size)
 
     def _salvaged(self, keys: list[tuple[float, int]]) -> set[tuple[float, int]]:
         conn = self._conn
@@ -1004,6 +1085,34 @@ class Buffer:
     ) -> list[dict[str, Any]]:
         return await self._run(self._dead_letters, limit, selection or DeadLetterFilter())
 
+    async def dead_letter_page(
+        self, selection: DeadLetterFilter | None = None, after: int = 0, limit: int = 500
+    ) -> list[DeadLetter]:
+        """Up to `limit` dead letters past seq `after`, whole, oldest first: a caller pages
+        through the store without holding it all."""
+        try:
+            return await self._run(
+                self._dead_letter_page, selection or DeadLetterFilter(), after, limit
+            )
+        except sqlite3.Error as exc:
+            raise BufferError_(f"buffer read failed: {exc}") from exc
+
+    async def count_dead_letters(
+        self, selection: DeadLetterFilter | None = None
+    ) -> DeadLetterCount:
+        try:
+            return await self._run(self._dead_letter_count, selection or DeadLetterFilter())
+        except sqlite3.Error as exc:
+            raise BufferError_(f"buffer read failed: {exc}") from exc
+
+    async def purge_dead_letters(self, selection: DeadLetterFilter | None = None) -> int:
+        """Delete dead letters (all, or those `selection` picks) for good, in one transaction.
+        Returns how many rows went."""
+        change: Occupancy = await self._submit(
+            DeadLetterPurge.kind, DeadLetterPurge(selection or DeadLetterFilter())
+        )
+        return -change.dead_rows
+
     @property
     def low_water(self) -> int:
         return self.max_bytes * 9 // 10
@@ -1022,6 +1131,10 @@ class Buffer:
     @property
     def closing(self) -> bool:
         return self._closing
+
+
+def _contains_folded(text: str | None, part: str | None) -> bool:
+    return text is not None and part is not None and part.casefold() in text.casefold()
 
 
 def _delete_row(conn: sqlite3.Connection, seq: int) -> tuple[int, int] | None:

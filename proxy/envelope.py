@@ -331,6 +331,13 @@ def _mask_body_key(event: dict[str, Any], field: str = "writeKey") -> None:
         event[field] = _mask_strings(body_key)
 
 
+def mask_shown_keys(event: dict[str, Any]) -> None:
+    """A stored event's keys masked once more before an offline tool shows it (`writeKey`, the
+    Classic API's `api_key`): the ingest masked them, a row stored by an older proxy may not be."""
+    _mask_body_key(event)
+    _mask_body_key(event, "api_key")
+
+
 def _mask_strings(value: Any) -> Any:
     if isinstance(value, str):
         return mask_key(value) if value and not value.endswith(":***") else value

@@ -9,7 +9,8 @@ ProxyError
 ├── IngestError             a client request Jitsu would refuse (status + public message)
 ├── RateLimitedError        a client over its request rate (429 + Retry-After)
 ├── OverloadedError         a request the proxy cannot handle right now (503 + Retry-After)
-├── UsageError              a bad argument to an offline command (exit 1)
+├── UsageError              a bad argument to an offline command (exit 2 from dead-letters)
+├── DeadLetterError         `dead-letters show` found no such dead letter (exit 1)
 └── SalvageError            the file given to `salvage` is not a readable buffer (exit 1)
 """
 
@@ -83,6 +84,10 @@ class OverloadedError(ProxyError):
 class UsageError(ProxyError):
     """An offline command (`dead-letters`, `salvage`) got an argument it cannot use. The message
     names the flag, never a secret it may hold."""
+
+
+class DeadLetterError(ProxyError):
+    """The dead letter asked for is in no shard of the buffer."""
 
 
 class SalvageError(ProxyError):

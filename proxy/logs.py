@@ -72,11 +72,14 @@ class LineLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = True) -> None:
+def configure_logging(
+    level: str = "info", fmt: str = "auto", *, cache: bool = True, stream: TextIO | None = None
+) -> None:
     """`cache`: each logger is built once, on first use (issue 9: a log line per request).
-    Tests that reconfigure structlog on the fly turn it off."""
+    Tests that reconfigure structlog on the fly turn it off. `stream`: stdout unless given (an
+    offline command whose output is on stdout logs to stderr)."""
     renderer: structlog.typing.Processor
-    if fmt == "console" or (fmt == "auto" and sys.stdout.isatty()):
+    if fmt == "console" or (fmt == "auto" and (stream or sys.stdout).isatty()):
         renderer = structlog.dev.ConsoleRenderer()
     else:
         renderer = render_json
@@ -90,11 +93,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, cache: bool = T
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=lambda *_args: LineLogger(sys.stdout),
+        logger_factory=lambda *_args: LineLogger(sys.stdout if stream is None else stream),
         cache_logger_on_first_use=cache,
     )
     # aiohttp and asyncio speak through the standard library; render their warnings the same way.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stdout if stream is None else stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,

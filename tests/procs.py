@@ -267,3 +267,16 @@ async def post_events(
         i += size
     await asyncio.gather(*(one(c) for c in chunks))
     return accepted
+
+
+async def dead_letters_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy dead-letters ARGS --config CONFIG`, run to its end."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "proxy", "dead-letters", *args, "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

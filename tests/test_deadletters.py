@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +13,8 @@ import pytest
 from proxy.buffer import DB_NAME, Buffer, DeadLetterFilter
 from proxy.envelope import Envelope
 from tests.fakejitsu import Answer, FakeJitsu, Received
-from tests.procs import ROOT, ProxyProcess
+from tests.procs import ProxyProcess
+from tests.procs import dead_letters_cli as cli
 
 SECRET = "deadSecretValue"
 
@@ -23,18 +22,6 @@ SECRET = "deadSecretValue"
 def envelope(mid: str) -> Envelope:
     body = json.dumps({"event": "e", "messageId": mid}).encode()
     return Envelope("/api/s/track", {"X-Write-Key": f"kid:{SECRET}"}, body, 1, "kid")
-
-
-async def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "proxy", "dead-letters", *args, "--config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_list_and_replay(tmp_path: Path) -> None:
@@ -57,7 +44,7 @@ async def test_list_and_replay(tmp_path: Path) -> None:
 
     replayed = await cli(config, "--status", "401", "--replay")
     assert replayed.returncode == 0, replayed.stderr
-    (line,) = [json.loads(x) for x in replayed.stdout.splitlines() if "replayed" in x]
+    (line,) = [json.loads(x) for x in replayed.stderr.splitlines() if "replayed" in x]
     assert line["rows"] == 2
 
     buf = Buffer(path, 10_000_000)
@@ -133,7 +120,7 @@ async def test_list_and_replay_filter_by_key_id_and_failure_time(tmp_path: Path)
         config, "--replay", "--status", "401", "--key-id", "kid", "--since", str(T0 + 1)
     )
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-    (line,) = [json.loads(x) for x in replayed.stdout.splitlines() if "replayed" in x]
+    (line,) = [json.loads(x) for x in replayed.stderr.splitlines() if "replayed" in x]
     assert line["rows"] == 1
 
     buf = Buffer(path, 10_000_000)
@@ -181,7 +168,7 @@ async def test_replay_with_a_new_write_key_delivers_the_same_events_under_it(
         replayed = await cli(proxy.config_path, "--replay", "--write-key", f"kid2:{NEW_SECRET}")
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert NEW_SECRET not in replayed.stdout + replayed.stderr
-        (line,) = [json.loads(x) for x in replayed.stdout.splitlines() if "replayed" in x]
+        (line,) = [json.loads(x) for x in replayed.stderr.splitlines() if "replayed" in x]
         assert (line["rows"], line["write_key_id"]) == (2, "kid2")
 
         buf = Buffer(tmp_path / "buffer", 10_000_000)
@@ -238,8 +225,8 @@ async def test_a_write_key_that_cannot_be_a_header_is_refused(
     config = tmp_path / "config.yaml"
     config.write_text(f"buffer:\n  path: {path}\nlog:\n  format: json\n")
     done = await cli(config, "--replay", "--write-key", key)
-    assert done.returncode == 1, done.stdout + done.stderr
-    lines = [json.loads(x) for x in done.stdout.splitlines()]
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [json.loads(x) for x in done.stderr.splitlines()]
     (error,) = [x for x in lines if x["level"] == "error"]
     assert error["event"] == "dead_letters_failed" and why in error["error"]
     assert NEW_SECRET not in done.stdout + done.stderr
@@ -257,12 +244,13 @@ async def test_a_write_key_that_cannot_be_a_header_is_refused(
         ["--write-key", f"kid2:{NEW_SECRET}"],  # without --replay it would do nothing
     ],
 )
-async def test_bad_arguments_exit_1_with_one_error_line(tmp_path: Path, args: list[str]) -> None:
+async def test_bad_arguments_exit_2_with_one_error_line(tmp_path: Path, args: list[str]) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f"buffer:\n  path: {tmp_path / 'buffer'}\nlog:\n  format: json\n")
     done = await cli(config, *args)
-    assert done.returncode == 1, done.stdout + done.stderr
-    (error,) = [json.loads(x) for x in done.stdout.splitlines()]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    (error,) = [json.loads(x) for x in done.stderr.splitlines()]
     assert error["event"] == "dead_letters_failed" and error["level"] == "error"
     assert NEW_SECRET not in done.stdout + done.stderr
 
