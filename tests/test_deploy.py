@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -115,3 +117,12 @@ def test_compose_service_matches_the_proxy_and_jitsus_stack(tmp_path: Path) -> N
         int(service["stop_grace_period"].removesuffix("s")) > 2 * config.server.shutdown_timeout_s
     )
     assert service["pull_policy"] == "never"
+
+
+def test_image_starts_the_console_script() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert entrypoint is not None
+    program, *args = json.loads(entrypoint.group(1))
+    assert scripts[program] == "proxy.__main__:main"
+    assert args == ["--config", "/etc/jitsu-proxy/config.yaml"]
