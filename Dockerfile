@@ -58,4 +58,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
 # flight (server.shutdown_timeout_s each, 10 s by default) and closes the buffer cleanly. Allow
 # more than twice that before SIGKILL: docker stop -t 30, terminationGracePeriodSeconds: 30.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "proxy", "--config", "/etc/jitsu-proxy/config.yaml"]
+# The console script pip installed (python -m proxy is the same program). Exec form: it is PID 1
+# and gets the SIGTERM itself.
+ENTRYPOINT ["jitsu-edge-proxy", "--config", "/etc/jitsu-proxy/config.yaml"]

@@ -22,6 +22,7 @@ WORK=""
 CID=""
 IMAGE=""
 UPSTREAM_PID=""
+COMPOSE_UP=""
 
 say() { printf '[image-test %3ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
 step() {
@@ -33,6 +34,10 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
+    if [[ -n $COMPOSE_UP ]]; then
+        ((rc == 0)) || podman logs --tail 40 "$COMPOSE_UP" >&2 2>&1
+        compose down -v -t 5 >/dev/null 2>&1
+    fi
     if [[ -n $CID ]]; then
         if ((rc != 0)); then
             say "container logs (last 40 lines):"
@@ -53,7 +58,7 @@ cleanup() {
     fi
     local took=$(($(date +%s) - START))
     if ((rc == 0)); then
-        echo "image-test: PASS (${took}s): built from Dockerfile, served /healthz, relayed an event, non-root uid, healthcheck ok, clean stop"
+        echo "image-test: PASS (${took}s): built from Dockerfile, served /healthz, relayed an event, non-root uid, healthcheck ok, clean stop; the compose service too"
     else
         echo "image-test: FAIL at step '$STEP' (exit $rc, ${took}s)"
     fi
@@ -82,7 +87,8 @@ wait_for() {
 # 1. Tools.
 step "tools"
 missing=()
-for tool in podman:podman runc:runc mmdebstrap:mmdebstrap findmnt:util-linux python3:python3; do
+for tool in podman:podman podman-compose:podman-compose runc:runc mmdebstrap:mmdebstrap \
+    findmnt:util-linux python3:python3; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 if ((${#missing[@]})); then
@@ -257,9 +263,11 @@ CID=$(podman run -d --network host --name "jitsu-image-test-$$" \
     -e PROXY_SERVER_HOST=127.0.0.1 -e PROXY_SERVER_PORT="$PORT" \
     -e PROXY_UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT" -e PROXY_LOG_FORMAT=json \
     "$IMAGE")
+# healthy [CONTAINER]: still running, and /healthz on $PORT answers.
 healthy() {
-    [[ $(podman inspect --format '{{.State.Running}}' "$CID") == true ]] ||
-        fail "container exited: $(podman inspect --format '{{.State.ExitCode}}' "$CID")"
+    local cid=${1:-$CID}
+    [[ $(podman inspect --format '{{.State.Running}}' "$cid") == true ]] ||
+        fail "container exited: $(podman inspect --format '{{.State.ExitCode}}' "$cid")"
     python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
         "http://127.0.0.1:$PORT/healthz" 2>/dev/null
 }
@@ -267,8 +275,9 @@ wait_for 60 healthy || fail "/healthz did not answer within 60 s"
 
 # 7. An event goes through to the upstream, its key only in X-Write-Key.
 step "relay an event"
-MESSAGE_ID="image-test-$(date +%s%N)-$$"
-python3 - "http://127.0.0.1:$PORT/api/s/s2s/track" "$MESSAGE_ID" <<'EOF'
+# post_event PORT MESSAGE_ID
+post_event() {
+    python3 - "http://127.0.0.1:$1/api/s/s2s/track" "$2" <<'EOF'
 import json, sys, urllib.request
 url, message_id = sys.argv[1:]
 body = json.dumps({"event": "image-test", "messageId": message_id}).encode()
@@ -277,6 +286,9 @@ req = urllib.request.Request(url, data=body, method="POST", headers={
 with urllib.request.urlopen(req, timeout=10) as resp:
     assert 200 <= resp.status < 300, resp.status
 EOF
+}
+MESSAGE_ID="image-test-$(date +%s%N)-$$"
+post_event "$PORT" "$MESSAGE_ID"
 relayed() {
     python3 - "$WORK/received.jsonl" "$MESSAGE_ID" <<'EOF'
 import base64, json, sys
@@ -322,8 +334,82 @@ timeout 60 podman stop -t 30 "$CID" >/dev/null
 code=$(podman inspect --format '{{.State.ExitCode}}' "$CID")
 [[ $code == 0 ]] || fail "exit code $code after SIGTERM"
 
-step "cleanup"
 podman rm -f -v "$CID" >/dev/null
 CID=""
+
+# 11. The compose example's service (deploy/compose/docker-compose.yml), with podman-compose. Only
+# it: Jitsu's own images cannot be pulled here. An override file gives it the image just built,
+# the host network and a free port, and points it at the fake upstream instead of ingest:3049.
+step "compose"
+PROJECT=jitsu-image-test-$$
+# podman-compose 1.0.3 (Debian's) adds "--net <project>_default --network-alias <service>" to
+# `podman run` even beside network_mode: host, which podman refuses ("cannot set multiple
+# networks without bridge network mode"; containers/podman-compose#397, fixed after 1.0.3).
+# Through --podman-path, this drops that pair from runs on the host network, and nothing else.
+cat >"$WORK/podman-host-net" <<'EOF'
+#!/usr/bin/env bash
+args=("$@")
+if [[ " $* " == *" --network host "* ]]; then
+    args=()
+    skip=0
+    for a in "$@"; do
+        if ((skip)); then
+            skip=0
+        elif [[ $a == --net || $a == --network-alias ]]; then
+            skip=1
+        else
+            args+=("$a")
+        fi
+    done
+fi
+exec podman "${args[@]}"
+EOF
+chmod +x "$WORK/podman-host-net"
+compose() {
+    timeout 120 podman-compose --podman-path "$WORK/podman-host-net" --project-name "$PROJECT" \
+        -f "$ROOT/deploy/compose/docker-compose.yml" -f "$WORK/compose.override.yml" "$@"
+}
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$WORK/compose.override.yml" <<EOF
+services:
+  edge-proxy:
+    image: $IMAGE
+    network_mode: host
+    environment:
+      PROXY_SERVER_HOST: 127.0.0.1
+      PROXY_SERVER_PORT: "$PORT"
+      PROXY_UPSTREAM_URL: http://127.0.0.1:$UPSTREAM_PORT
+EOF
+compose up -d >"$WORK/compose.log" 2>&1 || { cat "$WORK/compose.log" >&2; fail "podman-compose up"; }
+COMPOSE_UP=$(podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT")
+# podman-compose 1.0.3 exits 0 even when podman run fails: what ran is checked here.
+[[ $COMPOSE_UP =~ ^[0-9a-f]+$ ]] || {
+    cat "$WORK/compose.log" >&2
+    fail "podman-compose up started '$COMPOSE_UP'"
+}
+wait_for 60 healthy "$COMPOSE_UP" || fail "compose: /healthz did not answer within 60 s"
+MESSAGE_ID="image-test-compose-$(date +%s%N)-$$"
+post_event "$PORT" "$MESSAGE_ID"
+wait_for 30 relayed || fail "compose: the event did not reach the fake upstream within 30 s"
+# The buffer is on the compose file's named volume, not in the container.
+mounts=$(podman inspect --format '{{range .Mounts}}{{.Name}}={{.Destination}} {{end}}' "$COMPOSE_UP")
+[[ $mounts == *"${PROJECT}_jitsu-proxy-buffer=/var/lib/jitsu-proxy "* ]] ||
+    fail "compose: buffer mounts are '$mounts'"
+# The compose file's own healthcheck, which replaces the image's.
+hc_rc=0
+hc_out=$(timeout 60 podman healthcheck run "$COMPOSE_UP" 2>&1) || hc_rc=$?
+[[ -z $hc_out ]] || grep -v 'unable to get systemd connection' <<<"$hc_out" >&2 || true
+((hc_rc == 0)) || fail "compose: the compose file's healthcheck exited $hc_rc"
+# podman-compose 1.0.3 ignores stop_grace_period: the 30 s are given here.
+compose stop -t 30 >/dev/null 2>&1
+code=$(podman inspect --format '{{.State.ExitCode}}' "$COMPOSE_UP")
+[[ $code == 0 ]] || fail "compose: exit code $code after SIGTERM"
+compose down -v >/dev/null 2>&1
+left=$(podman ps -a -q --filter "label=io.podman.compose.project=$PROJECT")
+[[ -z $left && -z $(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT") ]] ||
+    fail "compose: down -v left containers or volumes behind"
+COMPOSE_UP=""
+
+step "cleanup"
 podman rmi -f "$IMAGE" >/dev/null
 IMAGE=""

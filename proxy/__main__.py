@@ -29,7 +29,9 @@ from proxy.shards import worker_count
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _Parser(prog="proxy", description=__doc__)
+    # The console script's own name in its usage line; "proxy" under `python -m proxy`.
+    prog = "jitsu-edge-proxy" if Path(sys.argv[0]).name == "jitsu-edge-proxy" else "proxy"
+    parser = _Parser(prog=prog, description=__doc__)
     parser.add_argument(
         "--config", default=os.environ.get("PROXY_CONFIG"), help="path to config.yaml"
     )

@@ -93,12 +93,14 @@ class ProxyProcess:
         """Where /readyz and /metrics answer: the admin listener when there is one."""
         return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else self.url
 
-    def start(self, env: dict[str, str] | None = None) -> None:
+    def start(self, env: dict[str, str] | None = None, program: list[str] | None = None) -> None:
+        """`program` (default `python -m proxy`) started with `--config` this config."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
         environ.update(env or {})
+        program = program or [sys.executable, "-m", "proxy"]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "--config", str(self.config_path)],
+                [*program, "--config", str(self.config_path)],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
