@@ -26,6 +26,8 @@ from proxy.fleet import Worker
 from proxy.logs import configure_logging
 from proxy.shards import worker_count
 
+COMMANDS = frozenset({"salvage", "dead-letters"})
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -35,16 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", default=os.environ.get("PROXY_CONFIG"), help="path to config.yaml"
     )
+    argv = _command_first(argv)
     # Offline tools on a stopped proxy's buffer; without one of these words, serve.
-    command = argv[0] if argv and argv[0] in {"salvage", "dead-letters"} else None
+    command = argv[0] if argv and argv[0] in COMMANDS else None
     sub = ""
     if command == "salvage":
-        parser.prog, parser.description = "proxy salvage", salvage.__doc__
+        parser.prog, parser.description = f"{prog} salvage", salvage.__doc__
         parser.add_argument("file", type=Path, help="a quarantined buffer.db")
     elif command == "dead-letters":
         sub, argv = deadletters.split_subcommand(argv[1:])
         argv.insert(0, command)
-        parser.prog, parser.description = f"proxy dead-letters {sub}", deadletters.__doc__
+        parser.prog, parser.description = f"{prog} dead-letters {sub}", deadletters.__doc__
         deadletters.add_arguments(parser, sub)
     args = parser.parse_args(argv[1:] if command else argv)
     # dead-letters writes its rows on stdout: its log lines (the summary too) go to stderr.
@@ -114,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("proxy_stopped")
     return 0
+
+
+def _command_first(argv: list[str]) -> list[str]:
+    """`--config PATH dead-letters list` as `dead-letters list --config PATH`: the image's
+    ENTRYPOINT passes --config before whatever `docker run IMAGE ...` adds."""
+    if not argv or not argv[0].startswith("--config"):
+        return argv
+    head = 1 if "=" in argv[0] else 2
+    if len(argv) > head and argv[head] in COMMANDS:
+        return [argv[head], *argv[head + 1 :], *argv[:head]]
+    return argv
 
 
 def _hang_up() -> None:

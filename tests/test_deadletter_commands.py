@@ -201,6 +201,30 @@ async def test_show_one_dead_letter_in_full_with_the_key_masked(tmp_path: Path) 
     assert not_a_number.returncode == 2 and "invalid int value" in not_a_number.stderr
 
 
+@pytest.mark.parametrize("config_first", [["--config", "{c}"], ["--config={c}"]])
+async def test_the_command_may_follow_the_config_as_the_images_entrypoint_puts_it(
+    tmp_path: Path, config_first: list[str]
+) -> None:
+    """The image's ENTRYPOINT is `jitsu-edge-proxy --config ...`: `docker run IMAGE
+    dead-letters list` arrives as `--config PATH dead-letters list`."""
+    path = tmp_path / "buffer"
+    [seq] = await dead_letters(path, [(single("a"), 400, "event error: bad")])
+    config = config_for(tmp_path, path)
+    argv = [a.format(c=config) for a in config_first]
+    done = ok(
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "proxy", *argv, "dead-letters", "list", "--status", "400"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    )
+    assert [row["seq"] for row in rows(done)] == [seq]
+
+
 async def test_purge_needs_a_filter_or_all_and_frees_the_dead_letter_bytes(tmp_path: Path) -> None:
     path = tmp_path / "buffer"
     await dead_letters(
