@@ -26,7 +26,7 @@ test-faults: $(STAMP)
 
 # Builds the image from the Dockerfile with podman, runs and probes it (root; apt-get installs
 # podman, runc and mmdebstrap when missing). The Debian base is cached in .cache/image-test/.
-image-test:
+image-test: $(STAMP)
 	bash deploy/image-test.sh
 
 # Issue 9's targets as ratios against baselines of the same run (a few minutes; loopback only;

@@ -210,6 +210,13 @@ podman image inspect --format '{{.Config.User}}' "$IMAGE" | grep -qx '10001:1000
 podman image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE" | grep -q healthz ||
     fail "image has no HEALTHCHECK"
 
+# The Kubernetes manifests and the compose example against the image just built: its user,
+# port, volume, buffer path, entrypoint and stop signal (tests/image_manifests.py).
+step "manifests"
+podman image inspect --format '{{json .Config}}' "$IMAGE" >"$WORK/image.json"
+(cd "$ROOT" && "$ROOT/.venv/bin/python" -m tests.image_manifests "$WORK/image.json") ||
+    fail "the manifests do not match the image"
+
 # 5. A fake upstream on the host: records every request as a JSON line.
 step "fake upstream"
 cat >"$WORK/upstream.py" <<'EOF'

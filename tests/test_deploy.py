@@ -126,3 +126,23 @@ def test_image_starts_the_console_script() -> None:
     program, *args = json.loads(entrypoint.group(1))
     assert scripts[program] == "proxy.__main__:main"
     assert args == ["--config", "/etc/jitsu-proxy/config.yaml"]
+
+
+def test_the_image_check_names_what_the_manifests_get_wrong() -> None:
+    """tests/image_manifests.py, which `make image-test` runs on the image it built, passes the
+    image as the Dockerfile describes it and names each thing that differs."""
+    from tests.image_manifests import mismatches
+
+    image = {
+        "User": "10001:10001",
+        "ExposedPorts": {"8080/tcp": {}},
+        "Env": ["PATH=/usr/bin", "PROXY_BUFFER_PATH=/var/lib/jitsu-proxy"],
+        "Volumes": {"/var/lib/jitsu-proxy": {}},
+        "Entrypoint": ["jitsu-edge-proxy", "--config", "/etc/jitsu-proxy/config.yaml"],
+        "StopSignal": "SIGTERM",
+    }
+    assert mismatches(image) == []
+    moved = {**image, "User": "10002:10002", "Env": ["PROXY_BUFFER_PATH=/data"]}
+    found = " ".join(mismatches(moved))
+    for what in ("runAsUser", "runAsGroup", "buffer mount", "a volume of the image"):
+        assert what in found
