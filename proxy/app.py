@@ -115,6 +115,8 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             _check_listener(request, state, route)
             response = await handler(request)
         except Exception as exc:
+            if BROWSER_ROUTE in request:  # an event route: its refusals are counted by why
+                routes.count_refusal(state, exc)
             response = error_response(request, exc)
         status = response.status
         origin = request.headers.get(hdrs.ORIGIN)
@@ -284,6 +286,30 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
                 "Keys upstream refused (stream not found), answered at the edge for a while",
                 lambda: len(state.refusals),
             ),
+            "proxy_buffer_oldest_event_age_seconds": (
+                "How long the event at the head of the send queue has waited (0: none waits)",
+                lambda: max(b.oldest_age_s(time.time()) for b in state.buffers()),
+            ),
+            "proxy_upstream_backoff_seconds": (
+                "The wait before the last retry while upstream fails; 0 while it works",
+                lambda: max((f.backoff_s for f in _forwarders(state)), default=0.0),
+            ),
+            "proxy_upstream_next_attempt_seconds": (
+                "Seconds until the next attempt while upstream fails; 0 while it works",
+                lambda: max((f.next_attempt_in_s() for f in _forwarders(state)), default=0.0),
+            ),
+            "proxy_upstream_consecutive_failures": (
+                "Failed attempts in a row of the current outage; 0 while upstream works",
+                lambda: max((f.failures for f in _forwarders(state)), default=0),
+            ),
+            "proxy_workers": (
+                "Worker processes the proxy runs (server.workers)",
+                lambda: worker.count if worker is not None else 1,
+            ),
+            "proxy_workers_ready": (
+                "Worker processes that can take events now (added up over the workers)",
+                lambda: float(buffer.writable and not state.draining),
+            ),
         }
     )
     metrics.counters(
@@ -291,6 +317,10 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             "proxy_dead_letters_dropped": (
                 "Dead-letter rows dropped, oldest first, to keep the store under its bound",
                 lambda: buffer.dead_dropped_rows,
+            ),
+            "proxy_worker_restarts": (
+                "Worker processes that exited and were restarted by the supervisor",
+                lambda: fleet.read_restarts(base) if state.fleet is not None else 0,
             ),
         }
     )
@@ -303,6 +333,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             event_prefix=config.routes.event_prefix,
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,
+            metrics=metrics,
         )
     if config.routes.jitsu_paths:
         # Jitsu serves the classic tracker itself (ingest/router_classic_handler.go,
@@ -314,6 +345,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,
             name="lib.js",
+            metrics=metrics,
         )
     app.cleanup_ctx.append(_buffer_ctx)
     app.cleanup_ctx.append(_offload_ctx)
@@ -462,6 +494,12 @@ async def _drain_orphan(state: AppState, path: Path) -> None:
         if adoption in state.adopted:
             state.adopted.remove(adoption)
         await buffer.close()
+
+
+def _forwarders(state: AppState) -> list[Forwarder]:
+    """Every forwarder of this process: its own, and those of the shards it drains."""
+    adopted = [a.forwarder for a in state.adopted if a.forwarder is not None]
+    return [state.forwarder, *adopted] if state.forwarder is not None else adopted
 
 
 async def _on_shutdown(app: web.Application) -> None:
