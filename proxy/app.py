@@ -22,6 +22,7 @@ from aiohttp import hdrs, web
 from prometheus_client import Counter
 
 from proxy import classic, fleet, ops, routes
+from proxy.backlog import BacklogWatch
 from proxy.buffer import Buffer
 from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
@@ -44,6 +45,7 @@ from proxy.shards import adopted_by, shard_dir
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, Adoption, AppState
 
 log = structlog.get_logger("proxy.access")
+backlog_log = structlog.get_logger("proxy.backlog")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -353,6 +355,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
     app.cleanup_ctx.append(_fleet_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
     app.cleanup_ctx.append(_adoption_ctx)
+    app.cleanup_ctx.append(_backlog_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
 
@@ -500,6 +503,35 @@ def _forwarders(state: AppState) -> list[Forwarder]:
     """Every forwarder of this process: its own, and those of the shards it drains."""
     adopted = [a.forwarder for a in state.adopted if a.forwarder is not None]
     return [state.forwarder, *adopted] if state.forwarder is not None else adopted
+
+
+# How often the backlog is held against its warning marks (buffer.warn_fill_ratio, warn_age_s).
+BACKLOG_WATCH_EVERY_S = 1.0
+
+
+async def _backlog_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Log once when the backlog passes a warning mark, once when it is back below."""
+    state = app[APP_STATE]
+    settings = state.config.buffer
+    watch = BacklogWatch(settings.warn_fill_ratio, settings.warn_age_s)
+
+    async def loop() -> None:
+        while True:
+            buffers = state.buffers()
+            now = time.time()
+            for notice in watch.observe(
+                sum(b.bytes for b in buffers),
+                state.buffer.max_bytes,
+                max(b.oldest_age_s(now) for b in buffers),
+            ):
+                getattr(backlog_log, notice.level)(notice.event, **notice.fields)
+            await asyncio.sleep(BACKLOG_WATCH_EVERY_S)
+
+    task = asyncio.create_task(loop(), name="backlog-watch")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _on_shutdown(app: web.Application) -> None:
