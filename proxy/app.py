@@ -23,6 +23,7 @@ from aiohttp import hdrs, web
 from prometheus_client import Counter
 
 from proxy import classic, fleet, ops, routes
+from proxy.backlog import BacklogWatch
 from proxy.buffer import Buffer
 from proxy.clientip import is_trusted, parse_networks, resolve_client_ip
 from proxy.config import Config
@@ -47,6 +48,7 @@ from proxy.shards import adopted_by, shard_dir
 from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, Adoption, AppState
 
 log = structlog.get_logger("proxy.access")
+backlog_log = structlog.get_logger("proxy.backlog")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -118,6 +120,8 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             _check_listener(request, state, route)
             response = await handler(request)
         except Exception as exc:
+            if BROWSER_ROUTE in request:  # an event route: its refusals are counted by why
+                routes.count_refusal(state, exc)
             response = error_response(request, exc)
         status = response.status
         origin = request.headers.get(hdrs.ORIGIN)
@@ -288,6 +292,30 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
                 "Keys upstream refused (stream not found), answered at the edge for a while",
                 lambda: len(state.refusals),
             ),
+            "proxy_buffer_oldest_event_age_seconds": (
+                "How long the event at the head of the send queue has waited (0: none waits)",
+                lambda: max(b.oldest_age_s(time.time()) for b in state.buffers()),
+            ),
+            "proxy_upstream_backoff_seconds": (
+                "The wait before the last retry while upstream fails; 0 while it works",
+                lambda: max((f.backoff_s for f in _forwarders(state)), default=0.0),
+            ),
+            "proxy_upstream_next_attempt_seconds": (
+                "Seconds until the next attempt while upstream fails; 0 while it works",
+                lambda: max((f.next_attempt_in_s() for f in _forwarders(state)), default=0.0),
+            ),
+            "proxy_upstream_consecutive_failures": (
+                "Failed attempts in a row of the current outage; 0 while upstream works",
+                lambda: max((f.failures for f in _forwarders(state)), default=0),
+            ),
+            "proxy_workers": (
+                "Worker processes the proxy runs (server.workers)",
+                lambda: worker.count if worker is not None else 1,
+            ),
+            "proxy_workers_ready": (
+                "Worker processes that can take events now (added up over the workers)",
+                lambda: float(buffer.writable and not state.draining),
+            ),
         }
     )
     metrics.counters(
@@ -295,6 +323,10 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             "proxy_dead_letters_dropped": (
                 "Dead-letter rows dropped, oldest first, to keep the store under its bound",
                 lambda: buffer.dead_dropped_rows,
+            ),
+            "proxy_worker_restarts": (
+                "Worker processes that exited and were restarted by the supervisor",
+                lambda: fleet.read_restarts(base) if state.fleet is not None else 0,
             ),
         }
     )
@@ -309,6 +341,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             refresh_s=config.script.refresh_s,
             max_bytes=config.script.max_bytes,
             proxy=state.egress.proxy_for(origin),
+            metrics=metrics,
         )
     if config.routes.jitsu_paths:
         # Jitsu serves the classic tracker itself (ingest/router_classic_handler.go,
@@ -321,6 +354,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
             max_bytes=config.script.max_bytes,
             name="lib.js",
             proxy=state.egress.proxy_for(config.upstream.url),
+            metrics=metrics,
         )
     app.cleanup_ctx.append(_buffer_ctx)
     app.cleanup_ctx.append(_offload_ctx)
@@ -328,6 +362,7 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
     app.cleanup_ctx.append(_fleet_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
     app.cleanup_ctx.append(_adoption_ctx)
+    app.cleanup_ctx.append(_backlog_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
 
@@ -484,6 +519,41 @@ async def _drain_orphan(state: AppState, path: Path) -> None:
         if adoption in state.adopted:
             state.adopted.remove(adoption)
         await buffer.close()
+
+
+def _forwarders(state: AppState) -> list[Forwarder]:
+    """Every forwarder of this process: its own, and those of the shards it drains."""
+    adopted = [a.forwarder for a in state.adopted if a.forwarder is not None]
+    return [state.forwarder, *adopted] if state.forwarder is not None else adopted
+
+
+# How often the backlog is held against its warning marks (buffer.warn_fill_ratio, warn_age_s).
+BACKLOG_WATCH_EVERY_S = 1.0
+
+
+async def _backlog_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Log once when the backlog passes a warning mark, once when it is back below."""
+    state = app[APP_STATE]
+    settings = state.config.buffer
+    watch = BacklogWatch(settings.warn_fill_ratio, settings.warn_age_s)
+
+    async def loop() -> None:
+        while True:
+            buffers = state.buffers()
+            now = time.time()
+            for notice in watch.observe(
+                sum(b.bytes for b in buffers),
+                state.buffer.max_bytes,
+                max(b.oldest_age_s(now) for b in buffers),
+            ):
+                getattr(backlog_log, notice.level)(notice.event, **notice.fields)
+            await asyncio.sleep(BACKLOG_WATCH_EVERY_S)
+
+    task = asyncio.create_task(loop(), name="backlog-watch")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _on_shutdown(app: web.Application) -> None:

@@ -405,6 +405,9 @@ class Buffer:
         self.events = 0
         self.dead_rows = 0
         self.dead_bytes = 0
+        # When the row at the head of the send queue (the first by seq) was received; None
+        # while the buffer is empty. Looked up after each commit that may have moved the head.
+        self.head_received_at: float | None = None
         # Dead letters dropped (oldest first) to keep the store under its bound, since start.
         self.dead_dropped_rows = 0
         self.dead_dropped_events = 0
@@ -602,6 +605,7 @@ class Buffer:
                 raise _CorruptError(str(exc)) from exc
             raise BufferError_(f"cannot open buffer {path}: {exc}") from exc
         self._conn = conn
+        self.head_received_at = _head_received_at(conn)
         self.rows, self.bytes, self.events = rows, size, events
         self.dead_rows, self.dead_bytes = dead, dead_size
 
@@ -697,6 +701,16 @@ class Buffer:
             if len(ops) == 1:
                 return [(False, exc)]  # alone it already failed: no second try
         return [self._commit_one(conn, op) for op in ops]
+
+    def _commit_and_look(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        """Commit the group, then look up the head of the queue if it may have moved: an
+        insert behind other rows leaves it where it was (no lookup on the ingest path)."""
+        results = self._commit_group(ops)
+        if self.head_received_at is None or any(op.kind != "insert" for op in ops):
+            assert self._conn is not None
+            with contextlib.suppress(sqlite3.Error):
+                self.head_received_at = _head_received_at(self._conn)
+        return results
 
     def _set_sync(self, conn: sqlite3.Connection, inserting: bool) -> None:
         """Only an insert carries a promise to a client. A delete or dead-letter lost to a power
@@ -850,7 +864,7 @@ class Buffer:
             if not ops:
                 continue
             try:
-                results = await self._run(self._commit_group, ops)
+                results = await self._run(self._commit_and_look, ops)
             except BaseException as exc:  # the executor itself failed
                 for op in ops:
                     if not op.future.done():
@@ -1113,6 +1127,13 @@ class Buffer:
         )
         return -change.dead_rows
 
+    def oldest_age_s(self, now: float) -> float:
+        """How long the row at the head of the send queue has waited; 0 when there is none.
+        (Rows requeued from the dead letters or salvaged keep their first arrival time but
+        wait at the tail: the head is the oldest by arrival order, not by that time.)"""
+        at = self.head_received_at
+        return max(0.0, now - at) if at is not None and self.rows else 0.0
+
     @property
     def low_water(self) -> int:
         return self.max_bytes * 9 // 10
@@ -1135,6 +1156,12 @@ class Buffer:
 
 def _contains_folded(text: str | None, part: str | None) -> bool:
     return text is not None and part is not None and part.casefold() in text.casefold()
+
+
+def _head_received_at(conn: sqlite3.Connection) -> float | None:
+    """The arrival time of the first row by seq: one step down the primary key."""
+    row = conn.execute("SELECT received_at FROM events ORDER BY seq LIMIT 1").fetchone()
+    return None if row is None else float(row[0])
 
 
 def _delete_row(conn: sqlite3.Connection, seq: int) -> tuple[int, int] | None:

@@ -49,7 +49,7 @@ async def ingest_classic(request: web.Request, *, s2s: bool) -> web.Response:
     key = find_classic_key(request.headers, request.query.items())
     if key is None:
         # Jitsu finds a classic stream by its key only (getStream strict): none, no stream.
-        raise IngestError(_stream_not_found(request, s2s), status=401)
+        raise IngestError(_stream_not_found(request, s2s), status=401, reason="no_key")
     routes._admit(request, state, key, strict=True)
     body = await routes._read_body(request, limits.max_request_bytes)
     parsed = await state.offload.run(

@@ -145,6 +145,12 @@ class BufferConfig:
     # Bound of the dead-letter store; beyond it the oldest dead letters are dropped, each drop
     # logged and counted (proxy_dead_letters_dropped_total).
     max_dead_letter_bytes: int = 256 * 1024 * 1024
+    # One log warning (buffer_high_water) when the buffer holds this share of max_bytes, one
+    # info line when it is back a tenth below; 0: no warning.
+    warn_fill_ratio: float = 0.8
+    # One log warning (backlog_old) when the oldest waiting event is this old (seconds), one
+    # info line when the oldest is back under half of it; 0: no warning.
+    warn_age_s: float = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +448,8 @@ def _check(config: Config) -> None:
         ("buffer.max_bytes", config.buffer.max_bytes <= 0),
         ("buffer.min_free_bytes", config.buffer.min_free_bytes < 0),
         ("buffer.max_dead_letter_bytes", config.buffer.max_dead_letter_bytes <= 0),
+        ("buffer.warn_fill_ratio", not 0 <= config.buffer.warn_fill_ratio <= 1),
+        ("buffer.warn_age_s", config.buffer.warn_age_s < 0),
         ("limits.max_request_bytes", config.limits.max_request_bytes <= 0),
         ("limits.max_decompressed_bytes", config.limits.max_decompressed_bytes <= 0),
         ("limits.max_event_bytes", config.limits.max_event_bytes <= 0),

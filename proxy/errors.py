@@ -54,19 +54,30 @@ class IngestError(ProxyError):
     with the same body when `browser_ok` is true, as Jitsu does.
     """
 
-    def __init__(self, message: str, status: int = 400, *, browser_ok: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        browser_ok: bool = True,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.browser_ok = browser_ok
+        # The label of proxy_events_refused_total, when the status alone does not tell it.
+        self.reason = reason
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Raised in the parser's worker process too: keep status and browser_ok across pickling.
-        return (_ingest_error, (self.message, self.status, self.browser_ok))
+        return (_ingest_error, (self.message, self.status, self.browser_ok, self.reason))
 
 
-def _ingest_error(message: str, status: int, browser_ok: bool) -> IngestError:
-    return IngestError(message, status, browser_ok=browser_ok)
+def _ingest_error(
+    message: str, status: int, browser_ok: bool, reason: str | None = None
+) -> IngestError:
+    return IngestError(message, status, browser_ok=browser_ok, reason=reason)
 
 
 class RateLimitedError(ProxyError):
@@ -92,3 +103,45 @@ class DeadLetterError(ProxyError):
 
 class SalvageError(ProxyError):
     """The source given to `salvage` is missing, a directory, or not a readable buffer file."""
+
+
+# Every reason proxy_events_refused_total counts (its series exist from the start, at 0).
+REFUSAL_REASONS = (
+    "invalid_event",
+    "too_large",
+    "body_timeout",
+    "no_key",
+    "unknown_key",
+    "key_refused_upstream",
+    "rate_limited",
+    "overloaded",
+    "buffer_full",
+    "shutting_down",
+    "buffer_error",
+)
+# proxy_events_refused_total's reasons by the status of an IngestError that names none.
+_REFUSED_BY_STATUS = {
+    401: "unknown_key",
+    408: "body_timeout",
+    413: "too_large",
+    414: "too_large",
+    431: "too_large",
+}
+
+
+def refusal_reason(exc: BaseException) -> str | None:
+    """Why an event request was refused, as a small fixed set of words (a metric label);
+    None for what is not a refusal of the request (a bug: 500)."""
+    if isinstance(exc, IngestError):
+        return exc.reason or _REFUSED_BY_STATUS.get(exc.status, "invalid_event")
+    if isinstance(exc, RateLimitedError):
+        return "rate_limited"
+    if isinstance(exc, OverloadedError):
+        return "overloaded"
+    if isinstance(exc, BufferFullError):
+        return "buffer_full"
+    if isinstance(exc, BufferClosedError):
+        return "shutting_down"
+    if isinstance(exc, BufferError_):
+        return "buffer_error"
+    return None

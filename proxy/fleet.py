@@ -31,6 +31,19 @@ STALE_AFTER_S = 5.0
 # Gauges that are not added up: all must hold (min), or any (max).
 ALL_OF = frozenset({"proxy_buffer_writable", "proxy_upstream_up"})
 ANY_OF = frozenset({"proxy_upstream_redirected"})
+# Figures where the fleet's is the largest of any worker's: the oldest event anywhere, the
+# longest wait; and what every worker reads from the same place (the supervisor's count of
+# restarts, the configured workers), which a sum would multiply.
+MAX_OF = frozenset(
+    {
+        "proxy_buffer_oldest_event_age_seconds",
+        "proxy_upstream_backoff_seconds",
+        "proxy_upstream_next_attempt_seconds",
+        "proxy_upstream_consecutive_failures",
+        "proxy_workers",
+        "proxy_worker_restarts",
+    }
+)
 # Metric types whose samples only grow while a process lives: carried over a restart.
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 
@@ -77,7 +90,7 @@ def add_up(published: Iterable[list[Family]]) -> list[Family]:
                     into[key] = value
                 elif name in ALL_OF:
                     into[key] = min(into[key], value)
-                elif name in ANY_OF:
+                elif name in ANY_OF or name in MAX_OF:
                     into[key] = max(into[key], value)
                 else:
                     into[key] += value
@@ -208,6 +221,32 @@ def _read_report(path: Path) -> bytes:
         return os.read(fd, MAX_REPORT_BYTES + 1)[:MAX_REPORT_BYTES]
     finally:
         os.close(fd)
+
+
+# Where the supervisor keeps its count of worker restarts, for the workers to export (the
+# supervisor serves no /metrics of its own).
+RESTARTS_FILE = "restarts"
+
+
+def write_restarts(base: Path, count: int) -> None:
+    """The supervisor's count of restarts, replaced atomically; not kept if it cannot be."""
+    directory = base / FLEET_DIR
+    with contextlib.suppress(OSError):
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{RESTARTS_FILE}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(str(count))
+        os.replace(tmp, directory / RESTARTS_FILE)
+
+
+def read_restarts(base: Path) -> int:
+    """Worker restarts since the supervisor started; 0 when it has written none."""
+    with contextlib.suppress(OSError, ValueError):
+        return max(0, int(_read_report(base / FLEET_DIR / RESTARTS_FILE)[:32]))
+    return 0
 
 
 def clear(base: Path) -> None:

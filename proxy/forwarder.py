@@ -169,6 +169,7 @@ class _InRequestRetry(ExponentialRetry):
         delay = fwd.backoff.delay(attempt, retry_after)
         if fwd.probe_seq != self._seq or fwd.stopping or delay > fwd.backoff.max_s:
             raise _HandBack(status, retry_after, verdict=verdict)
+        fwd.waiting(delay)
         return delay
 
 
@@ -197,6 +198,8 @@ class Forwarder:
         self.stopping = False
         self.retry_after_s: float | None = None
         self.next_probe_at = 0.0
+        # The last wait before a retry while upstream fails (0 once it works), for metrics.
+        self.backoff_s = 0.0
         self.probe_seq: int | None = None
         # While failing, probes take turns over the backlog, starting after this row.
         self.probe_after = 0
@@ -247,9 +250,36 @@ class Forwarder:
             if self.failing and seq != self.probe_seq:
                 raise _HandBack(None, None, sent=False)
             self.attempts[seq] += 1
+            if self.attempts[seq] > 1:
+                self.metrics.upstream_retries.inc()
+            ctx.started = time.perf_counter()
+
+        async def on_end(
+            _s: aiohttp.ClientSession, ctx: SimpleNamespace, p: aiohttp.TraceRequestEndParams
+        ) -> None:
+            self._attempt_ended(ctx, f"{p.response.status // 100}xx")
+
+        async def on_exception(
+            _s: aiohttp.ClientSession,
+            ctx: SimpleNamespace,
+            p: aiohttp.TraceRequestExceptionParams,
+        ) -> None:
+            if isinstance(p.exception, Exception):  # not a cancellation: the proxy stopping
+                timeout = isinstance(p.exception, TimeoutError)
+                self._attempt_ended(ctx, "timeout" if timeout else "error")
 
         trace.on_request_start.append(on_start)
+        trace.on_request_end.append(on_end)
+        trace.on_request_exception.append(on_exception)
         return trace
+
+    def _attempt_ended(self, ctx: SimpleNamespace, answer: str) -> None:
+        """One HTTP attempt upstream answered (or failed): its latency and its class."""
+        started = getattr(ctx, "started", None)
+        if started is None:
+            return  # not a forwarding request
+        self.metrics.upstream_duration.observe(time.perf_counter() - started)
+        self.metrics.upstream_responses.labels(answer).inc()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -411,7 +441,7 @@ class Forwarder:
         if not self.failing:
             return  # a request in flight (the first to meet the failure) got through after all
         delay = self.backoff.delay(self.failures, self.retry_after_s)
-        self.next_probe_at = time.time() + delay
+        self.waiting(delay)
         await asyncio.sleep(delay)
         # Parked rows are not probes: they fail alone, on backoffs of their own.
         parked = frozenset(self.parked)
@@ -494,7 +524,7 @@ class Forwarder:
             log.debug("envelope_forwarded", seq=row.seq, events=row.events, attempts=tries)
             return
         await self.buffer.dead_letter(row.seq, attempt.status, attempt.reason, tries)
-        self.metrics.events_dead_lettered.inc(row.events)
+        self.metrics.dead_lettered(attempt.status, row.events)
         self._dead_lettered(row, attempt.status, attempt.reason, tries, row.events)
 
     async def _settle_events(
@@ -524,7 +554,7 @@ class Forwarder:
         )
         dead = len(partial.verdicts) - accepted - len(retry)
         self.metrics.events_delivered.inc(accepted)
-        self.metrics.events_dead_lettered.inc(dead)
+        self.metrics.dead_lettered(status, dead)
         log.info(
             "batch_partially_accepted",
             seq=row.seq,
@@ -700,7 +730,8 @@ class Forwarder:
         await self.buffer.settle(RowsSettlement(tuple(taken), tuple(dead)))
         self.parked.update(parked)
         self.metrics.events_delivered.inc(len(taken))
-        self.metrics.events_dead_lettered.inc(len(dead))
+        for letter in dead:
+            self.metrics.dead_lettered(letter.status, 1)
         rows = {row.seq: row for row, _ in unit.items}
         for letter in dead:
             self._dead_lettered(rows[letter.seq], letter.status, letter.reason, tries, 1)
@@ -785,10 +816,20 @@ class Forwarder:
         else:
             self.refusals.forget(print_)
 
+    def waiting(self, delay: float) -> None:
+        """Upstream fails: the next attempt goes out after `delay`."""
+        self.backoff_s = delay
+        self.next_probe_at = time.time() + delay
+
+    def next_attempt_in_s(self) -> float:
+        """How long until the next attempt while upstream fails; 0 when it works."""
+        return max(0.0, self.next_probe_at - time.time()) if self.failing else 0.0
+
     def _recovered(self) -> None:
         """Upstream gave an answer that is not trouble: not failing any more."""
         self.failing = False
         self.failures = 0
+        self.backoff_s = 0.0
         self.retry_after_s = None
         self.probe_after = 0
         if self.redirected_to is not None:
@@ -955,9 +996,7 @@ class Forwarder:
             "in_flight": self.sending,
             "in_flight_for_browsers": self.sync_sending,
             "keys_refused": len(self.refusals),
-            "next_probe_in_s": round(max(0.0, self.next_probe_at - time.time()), 3)
-            if self.failing
-            else 0.0,
+            "next_probe_in_s": round(self.next_attempt_in_s(), 3),
         }
 
 

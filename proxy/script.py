@@ -21,8 +21,10 @@ from pathlib import Path
 
 import aiohttp
 import structlog
+from prometheus_client import Counter
 
 from proxy.errors import ProxyError
+from proxy.metrics import Metrics
 
 log = structlog.get_logger("proxy.script")
 
@@ -74,10 +76,14 @@ class ScriptCache:
         max_bytes: int = 2 * 1024 * 1024,
         name: str = "p.js",
         proxy: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.origin = origin
         # The egress proxy for the origin (upstream.trust_env), None to connect directly.
         self.proxy = proxy
+        # Served from the cache or not, and how fetches went (proxy_script_*_total).
+        self._requests = metrics.script_requests if metrics is not None else None
+        self._refreshes = metrics.script_refreshes if metrics is not None else None
         # The file name of the disk copy; one cache per script, each with its own.
         self.name = name
         self.log = log.bind(script=name)
@@ -116,16 +122,25 @@ class ScriptCache:
 
     async def get(self, wait_s: float = 5.0) -> Variant:
         """The current variant; on a cold start, wait (a little) for the first fetch."""
+        result = "hit"
         if self.variant is None:
+            result = "miss"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._attempted.wait()
+        if self.variant is None:
+            result = "unavailable"
+        self._count(self._requests, result)
         if self.variant is None:
             raise ScriptUnavailableError(
                 "tracking script not available yet: "
                 + (self.last_error or "first fetch still running")
             )
         return self.variant
+
+    def _count(self, counter: Counter | None, result: str) -> None:
+        if counter is not None:
+            counter.labels(self.name, result).inc()
 
     def _load_disk_copy(self) -> None:
         try:
@@ -146,6 +161,7 @@ class ScriptCache:
                 await self.refresh()
             except Exception as exc:  # whatever upstream answers, the loop goes on
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self._count(self._refreshes, "failed")
                 self.log.exception("script_refresh_failed")
             finally:
                 self._attempted.set()
@@ -164,6 +180,7 @@ class ScriptCache:
                 if resp.status == 304:
                     self.fetched_at = time.time()
                     self.last_error = None
+                    self._count(self._refreshes, "unchanged")
                     return
                 if resp.status != 200:
                     raise _FetchError(f"script origin answered {resp.status}")
@@ -177,6 +194,7 @@ class ScriptCache:
             self.log.warning(
                 "script_fetch_failed", error=self.last_error, serving_stale=self.variant is not None
             )
+            self._count(self._refreshes, "failed")
             return
         # Hashing and gzip release the GIL: off the event loop, they cost ingest nothing.
         variant = await asyncio.to_thread(make_variant, raw, self.event_prefix)
@@ -184,6 +202,7 @@ class ScriptCache:
         self.fetched_at = time.time()
         self.last_error = None
         self.variant = variant
+        self._count(self._refreshes, "updated")
         await asyncio.to_thread(self._save, raw, etag)
         self.log.info("script_fetched", bytes=len(raw))
 

@@ -124,6 +124,8 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self.served = False  # some worker got ready at some point
+        # Workers restarted since start; the workers export it (proxy_worker_restarts_total).
+        self.restarts = 0
         self._lock_fd: int | None = None
         self._beats_r, self._beats_w = os.pipe()
         os.set_blocking(self._beats_r, False)
@@ -311,6 +313,8 @@ class Supervisor:
                 # slot's sockets go to the other workers meanwhile (new sockets at the restart).
                 slot.close_sockets()
             slot.restart_at = time.monotonic() + slot.delay
+            self.restarts += 1
+            fleet.write_restarts(Path(self.config.buffer.path).absolute(), self.restarts)
             log.error(
                 "worker_exited",
                 worker=slot.index,
