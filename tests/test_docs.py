@@ -90,3 +90,31 @@ def test_every_config_key_is_documented_with_its_default() -> None:
 )
 def test_default_cells_are_read_as_written(cell: str, like: Any, value: Any) -> None:
     assert stated(cell, like) == value
+
+
+async def test_every_exported_metric_is_in_the_metrics_reference(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The README's metrics table against a scrape of a real app: one row per metric family it
+    exports, and no row for one it does not."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.app import create_app
+    from proxy.config import build_config
+
+    config = build_config({"buffer": {"path": str(tmp_path)}, "server": {"workers": 1}}, {})
+    client = await aiohttp_client(create_app(config))
+    scrape = await (await client.get("/metrics")).text()
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(scrape)
+    }
+    text = README.read_text()
+    table = text[text.index("| metric | type | labels | what it says |") :]
+    rows = set()
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.add(line.split("|")[1].strip().strip("`"))
+    assert sorted(exported - rows) == [], "exported, not in the README's metrics reference"
+    assert sorted(rows - exported) == [], "in the README's metrics reference, not exported"
