@@ -73,7 +73,17 @@ def member(
     event of /api/s/{type} or /api/s/s2s/{type} (a query string included), no write key (Jitsu
     finds no stream by Host for a batch), an event whose type or name Jitsu's single route
     would refuse, a body type other than the path's (the path's wins there), no string
-    messageId."""
+    messageId, or one nested too deep for this process to compare with others (ingest takes
+    deeper events than Python's recursion can walk; alone, its bytes go as they are)."""
+    try:
+        return _member(method, path, headers, body, events)
+    except RecursionError:
+        return None
+
+
+def _member(
+    method: str, path: str, headers: Mapping[str, str], body: bytes, events: int
+) -> Member | None:
     match = _SINGLE.fullmatch(path)
     if method != "POST" or events != 1 or match is None or not headers.get("X-Write-Key"):
         return None

@@ -520,3 +520,24 @@ async def test_jitsu_stores_the_same_with_and_without_coalescing(tmp_path: Path)
     paths = [e.path for e in together_model.event_exchanges() if e.status == 200]
     assert {"/v1/batch", "/api/s/s2s/batch"} <= set(paths)
     assert len(paths) < len([e for e in alone_model.event_exchanges() if e.status != 503]) / 2
+
+
+async def test_an_event_nested_too_deep_to_compare_goes_alone_and_is_delivered(
+    make_proxy: Any, upstream: FakeJitsu
+) -> None:
+    """Ingest takes an event nested ~900 deep; comparing it for coalescing recursed past
+    Python's limit in the forwarder, which then skipped the row for good (attack pass, issue
+    10). It goes alone now, and the events around it still go together."""
+    depth = 900
+    deep = raw(event("deep")).replace(
+        b"}", b',"properties":{"a":' + b"[" * depth + b"]" * depth + b"}}"
+    )
+    assert member("POST", S2S, {"X-Write-Key": KEY}, deep, 1) is None
+    proxy = await send_down(make_proxy, upstream, ["m1", "m2"])
+    resp = await proxy.post(
+        S2S, headers={"X-Write-Key": KEY, "Content-Type": "application/json"}, data=deep
+    )
+    assert resp.status == 200
+    await upstream.start()
+    await drained(proxy)
+    assert sorted(upstream.taken_ids()) == ["deep", "m1", "m2"]
