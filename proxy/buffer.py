@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ APPLICATION_ID = 0x4A545355  # "JTSU"
 MAX_GROUP = 1024
 # A dead letter's reason is kept to this many characters (upstream chooses its length).
 MAX_REASON_CHARS = 2048
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # What a dead letter counts against buffer.max_dead_letter_bytes: its row and its reason.
 DEAD_SIZE = "size + length(CAST(reason AS BLOB))"
 # SQL function: is the second text in the first, whatever the case (SQLite's own lower() and
@@ -256,7 +258,7 @@ class RowSettlement(Write):
             # Into dead_letter through events, so that its seq comes from events'
             # AUTOINCREMENT (as salvage does) and collides with no row nor dead letter.
             seq = self._copy(conn, piece, base)
-            reason = piece.reason[:MAX_REASON_CHARS]
+            reason = stored_reason(piece.reason)
             conn.execute(
                 "INSERT INTO dead_letter (seq, received_at, key_id, path, headers, body, size,"
                 " events, failed_at, status, reason, attempts, method)"
@@ -266,7 +268,7 @@ class RowSettlement(Write):
             )
             conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
             dead_rows += 1
-            dead_bytes += base + len(piece.body) + len(reason.encode("utf-8", "surrogatepass"))
+            dead_bytes += base + len(piece.body) + len(reason.encode("utf-8"))
         if self.keep is None:
             conn.execute("DELETE FROM events WHERE seq = ?", (self.seq,))
             rows -= 1
@@ -1171,10 +1173,17 @@ def _delete_row(conn: sqlite3.Connection, seq: int) -> tuple[int, int] | None:
     return None if row is None else (row[0], row[1])
 
 
+def stored_reason(text: str) -> str:
+    """A dead letter's reason as SQLite can store it: at most MAX_REASON_CHARS, and a lone
+    surrogate (an upstream's JSON may escape one: "\\ud800") as U+FFFD. Unstorable, the
+    dead-letter write failed and the row went upstream again at once, for ever."""
+    return _LONE_SURROGATE.sub("\ufffd", text[:MAX_REASON_CHARS])
+
+
 def _dead_letter_row(conn: sqlite3.Connection, dead: DeadRow) -> tuple[int, int, int] | None:
     """The row moves to the dead letters. Returns its size, events and what it counts against
     buffer.max_dead_letter_bytes; None if it was gone."""
-    reason = dead.reason[:MAX_REASON_CHARS]
+    reason = stored_reason(dead.reason)
     row = conn.execute("SELECT size, events FROM events WHERE seq = ?", (dead.seq,)).fetchone()
     conn.execute(
         "INSERT OR REPLACE INTO dead_letter (seq, received_at, key_id, path, headers, body,"
@@ -1187,7 +1196,7 @@ def _dead_letter_row(conn: sqlite3.Connection, dead: DeadRow) -> tuple[int, int,
     conn.execute("DELETE FROM events WHERE seq = ?", (dead.seq,))
     if row is None:
         return None
-    return row[0], row[1], row[0] + len(reason.encode("utf-8", "surrogatepass"))
+    return row[0], row[1], row[0] + len(reason.encode("utf-8"))
 
 
 def _insert_row(conn: sqlite3.Connection, env: Envelope, received_at: float) -> int:
@@ -1288,16 +1297,14 @@ def _insert_salvaged(
             (
                 failure.failed_at,
                 failure.status,
-                failure.reason[:MAX_REASON_CHARS],
+                stored_reason(failure.reason),
                 failure.attempts,
                 seq,
             ),
         )
         conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
         dead += 1
-        dead_size += env.stored_size + len(
-            failure.reason[:MAX_REASON_CHARS].encode("utf-8", "surrogatepass")
-        )
+        dead_size += env.stored_size + len(stored_reason(failure.reason).encode("utf-8"))
     return count, size, events, dead, dead_size
 
 

@@ -71,6 +71,8 @@ READ_AHEAD_BYTES = 4 * 1024 * 1024
 # A browser row this much older than upstream.sync_timeout_s has no browser waiting on it
 # (answer_now) any more: it may go in a batch, whose answer is no browser's.
 SYNC_GRACE_S = 1.0
+# After a failed delete or dead-letter write, how long the rows wait before they go again.
+BOOKKEEPING_RETRY_S = 1.0
 # After a 413, batches are made smaller than the one refused, down to this.
 MIN_BATCH_BYTES = 1024
 
@@ -379,7 +381,12 @@ class Forwarder:
     def _member(self, row: Row) -> Member | None:
         if not self.config.coalesce or row.problem is not None:
             return None
-        return member(row.method, row.path, row.headers, row.body, row.events)
+        try:
+            return member(row.method, row.path, row.headers, row.body, row.events)
+        except Exception:
+            # A row the coalescer cannot judge goes alone: skipping it would strand it.
+            log.exception("coalesce_member_failed", seq=row.seq)
+            return None
 
     def _together(self, row: Row) -> bool:
         """Whether the row may go in a batch now: not one to send alone, nor a browser's that
@@ -486,7 +493,7 @@ class Forwarder:
         except BufferError_ as exc:
             # Upstream may have it, our bookkeeping failed: it will be sent again (at least once).
             log.error("forwarder_bookkeeping_failed", seq=row.seq, error=str(exc))
-            self._rewind()
+            await self._after_bookkeeping_failure()
         finally:
             self.inflight.pop(row.seq, None)
             self._answered.pop(row.seq, None)
@@ -628,7 +635,7 @@ class Forwarder:
             alone = await self._settle_together(sent, unit, attempt)
         except BufferError_ as exc:
             log.error("forwarder_bookkeeping_failed", seq=sent.seq, error=str(exc))
-            self._rewind()
+            await self._after_bookkeeping_failure()
         finally:
             if alone:
                 # Back behind the cursor for a request each; no await until they leave
@@ -835,6 +842,13 @@ class Forwarder:
         if self.redirected_to is not None:
             log.info("upstream_redirect_cleared")
             self.redirected_to = None
+
+    async def _after_bookkeeping_failure(self) -> None:
+        """The rows go again, but not at once: a write that failed now likely fails again in a
+        moment, and resending at once made a hot loop of requests and log lines. The rows stay
+        in `inflight` (out of every fetch) while this waits."""
+        await asyncio.sleep(BOOKKEEPING_RETRY_S)
+        self._rewind()
 
     def _rewind(self) -> None:
         self.cursor = 0

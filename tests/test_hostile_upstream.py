@@ -255,3 +255,34 @@ async def test_rows_an_ingress_refuses_do_not_pass_for_an_outage(
     assert not fwd.failing
     await send(proxy, "good1")
     await upstream.wait_for(lambda f: "good1" in f.delivered_set, timeout=5)
+
+
+@pytest.mark.parametrize("route", ["/api/s/s2s/track", "/v1/batch"])
+async def test_a_refusal_whose_reason_holds_a_lone_surrogate_is_dead_lettered_once(
+    make_proxy: Any, upstream: FakeJitsu, route: str
+) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"), which SQLite cannot store: the dead-letter
+    write failed and the row went upstream again at once, thousands of times a second, with the
+    buffer reported unwritable meanwhile (attack pass, issue 10). The reason is stored with
+    U+FFFD in its place; the row is sent once."""
+    proxy = await make_proxy(upstream={"coalesce": False})
+    answer = '{"error":"event error: \\ud800 lone \\udfff"}'
+    if route == "/v1/batch":
+        answer = (
+            '{"ok":false,"receivedEvents":1,"okEvents":0,'
+            '"errors":["Message ID: m1: event error: \\ud800 lone \\udfff"]}'
+        )
+        upstream.fault = lambda rec: Answer(200, text=answer, content_type="application/json")
+        body: dict[str, Any] = {"batch": [{"type": "track", "event": "e", "messageId": "m1"}]}
+    else:
+        upstream.fault = lambda rec: Answer(400, text=answer, content_type="application/json")
+        body = {"type": "track", "event": "e", "messageId": "m1"}
+    resp = await proxy.post(route, json=body, headers={"X-Write-Key": KEY})
+    assert resp.status == 200
+    buf = state(proxy).buffer
+    await until(lambda: buf.dead_rows == 1 and buf.rows == 0, timeout=10)
+    (dead,) = await buf.dead_letters()
+    assert "\ufffd lone \ufffd" in dead["reason"]
+    await asyncio.sleep(0.5)
+    assert len([r for r in upstream.received if "m1" in r.message_ids]) == 1
+    assert buf.writable
