@@ -174,9 +174,20 @@ def find_classic_key(
     return None
 
 
+# user:password@ of a URL in a message: aiohttp's proxy errors quote the egress proxy's URL,
+# credentials and all.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]*@")
+
+
+def strip_url_credentials(text: str) -> str:
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 def redact(text: str, key: str | None) -> str:
     """Remove a write key's secret from text that may reach a log, a metric or the dead-letter
-    store (Jitsu echoes the unmasked key in "stream not found" errors)."""
+    store (Jitsu echoes the unmasked key in "stream not found" errors), and the credentials of
+    any URL in it."""
+    text = strip_url_credentials(text)
     if not key:
         return text
     text = text.replace(key, mask_key(key))

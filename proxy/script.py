@@ -23,6 +23,7 @@ import aiohttp
 import structlog
 from prometheus_client import Counter
 
+from proxy.auth import strip_url_credentials
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 
@@ -190,7 +191,8 @@ class ScriptCache:
                     raise _FetchError("script origin answered an empty body")
                 etag = resp.headers.get("ETag")
         except (aiohttp.ClientError, TimeoutError, _FetchError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.last_error = strip_url_credentials(error)
             self.log.warning(
                 "script_fetch_failed", error=self.last_error, serving_stale=self.variant is not None
             )

@@ -185,6 +185,8 @@ class ConnectProxy:
         self.targets: list[str] = []
         self.authorizations: list[str | None] = []
         self.port = 0
+        # An answer to every CONNECT instead of a tunnel (a proxy that wants other credentials).
+        self.refuse: bytes | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -221,6 +223,9 @@ class ConnectProxy:
                 return
             self.targets.append(target)
             self.authorizations.append(headers.get("Proxy-Authorization"))
+            if self.refuse is not None:
+                writer.write(self.refuse)
+                return
             host, port = target.rsplit(":", 1)
             up_reader, up_writer = await asyncio.open_connection(host, int(port))
             self._writers.add(up_writer)
@@ -294,6 +299,33 @@ async def test_egress_proxy_from_the_environment(
     else:
         assert egress_proxy.targets == []
     assert "pa55word" not in logs.getvalue()
+
+
+async def test_a_refusing_egress_proxy_never_gets_its_password_into_the_logs(
+    make_proxy: ProxyFactory,
+    upstream: FakeJitsu,
+    egress_proxy: ConnectProxy,
+    pems: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    logs: io.StringIO,
+) -> None:
+    """aiohttp's proxy errors quote the proxy's URL, credentials and all: they reached the
+    upstream_retry and script_fetch_failed lines (attack pass, issue 10)."""
+    egress_proxy.refuse = (
+        b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+        b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n'
+    )
+    host_port = egress_proxy.url.removeprefix("http://")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://relay:pa55word@{host_port}")
+    proxy = await make_proxy(upstream={"ca_file": pems["ca_file"], "trust_env": True})
+    await send(proxy, "m-refused")
+    await until(lambda: "upstream_retry" in logs.getvalue(), timeout=10)
+    assert (await proxy.get("/p.js")).status == 503
+    ready = await (await proxy.get("/readyz")).text()
+    assert upstream.received == [] and state(proxy).buffer.rows == 1
+    assert "407" in logs.getvalue()
+    assert "pa55word" not in logs.getvalue() + ready
+    assert f"http://***@{host_port}" in logs.getvalue()
 
 
 # ---- validation at start ----------------------------------------------------------------------
