@@ -24,7 +24,7 @@ from proxy.config import Config, load_config
 from proxy.errors import BufferError_, ConfigError, ProxyError, UsageError
 from proxy.fleet import Worker
 from proxy.logs import configure_logging
-from proxy.shards import worker_count
+from proxy.shards import offline_lock, worker_count
 
 COMMANDS = frozenset({"salvage", "dead-letters"})
 
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     # dead-letters writes its rows on stdout: its log lines (the summary too) go to stderr.
     log_stream = sys.stderr if command == "dead-letters" else None
     try:
-        config = load_config(args.config)
+        # The offline commands never talk to upstream: its TLS files need not be readable.
+        config = load_config(args.config, egress=command is None)
     except ConfigError as exc:
         configure_logging(stream=log_stream)
         structlog.get_logger("proxy").error("config_invalid", error=str(exc))
@@ -61,22 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log.level, config.log.format, stream=log_stream)
     log = structlog.get_logger("proxy")
     if command is not None:
-        try:
-            if command == "salvage":
-                result = asyncio.run(salvage.salvage(config, args.file))
-                if "error" in result:  # the live buffer filled up: a re-run continues
-                    log.error("salvage_incomplete", **result)
-                    return 1
-                log.info("salvage_done", **result)
-            else:
-                deadletters.run(config, sub, args)
-        except UsageError as exc:
-            log.error(f"{command.replace('-', '_')}_failed", error=str(exc))
-            return 2
-        except ProxyError as exc:
-            log.error(f"{command.replace('-', '_')}_failed", error=str(exc))
-            return 1
-        return 0
+        return _offline(config, command, sub, args, log)
     upstream = urlsplit(config.upstream.url)
     server = config.server
     count = worker_count(server.workers)
@@ -117,6 +103,55 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("proxy_stopped")
     return 0
+
+
+def _offline(
+    config: Config,
+    command: str,
+    sub: str,
+    args: argparse.Namespace,
+    log: structlog.typing.FilteringBoundLogger,
+) -> int:
+    """salvage or dead-letters, on a stopped proxy's buffer: one line when it fails."""
+    name = command.replace("-", "_")
+    try:
+        # The supervisor's lock too: with several workers, none holds a shard's own lock
+        # while the supervisor waits to restart one.
+        with offline_lock(config.buffer.path):
+            if command == "salvage":
+                result = asyncio.run(salvage.salvage(config, args.file))
+                if "error" in result:  # the live buffer filled up: a re-run continues
+                    log.error("salvage_incomplete", **result)
+                    return 1
+                log.info("salvage_done", **result)
+            else:
+                deadletters.run(config, sub, args)
+    except UsageError as exc:
+        log.error(f"{name}_failed", error=str(exc))
+        return 2
+    except ProxyError as exc:
+        log.error(f"{name}_failed", error=str(exc))
+        return 1
+    except BrokenPipeError:
+        # Its reader went away (`| head`): quietly, by Python's recipe (the docs of `signal`,
+        # "Note on SIGPIPE"), stdout pointed at devnull so the flush at exit cannot fail again.
+        _stdout_to_devnull()
+        return 1
+    except OSError as exc:  # stdout on a full disk
+        _stdout_to_devnull()
+        log.error(f"{name}_failed", error=f"cannot write to stdout: {exc.strerror or exc}")
+        return 1
+    except KeyboardInterrupt:
+        # What a replay or a purge committed before it stays committed.
+        again = "`dead-letters list` shows what is left" if sub else "running it again goes on"
+        log.error(f"{name}_interrupted", error=f"interrupted: {again}")
+        return 130
+    return 0
+
+
+def _stdout_to_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _command_first(argv: list[str]) -> list[str]:

@@ -160,7 +160,7 @@ class DeadLetterFilter:
             (self.key_id, "key_id = ?"),
             (self.since, "failed_at >= ?"),
             (self.until, "failed_at < ?"),
-            (self.reason, f"{CONTAINS_FOLDED}(reason, ?)"),
+            (self.reason, f"{CONTAINS_FOLDED}(CAST(reason AS BLOB), ?)"),
             (self.seq, "seq = ?"),
         ):
             if value is not None:
@@ -818,14 +818,22 @@ class Buffer:
         assert conn is not None
         where, params = selection.sql()
         where = f"{where} AND seq > ?" if where else "WHERE seq > ?"
+        # Text read as bytes and decoded here: a row whose text is not UTF-8 (a damaged page,
+        # a row written by other hands) shows with replacement characters instead of failing
+        # the whole read.
+        text = ", ".join(
+            f"CAST({c} AS BLOB)" for c in ("key_id", "method", "path", "headers", "reason")
+        )
         cur = conn.execute(
-            "SELECT seq, received_at, failed_at, key_id, method, path, headers, body, events,"
-            f" status, reason, attempts FROM dead_letter {where} ORDER BY seq LIMIT ?",
+            f"SELECT seq, received_at, failed_at, {text}, body, events, status, attempts"
+            f" FROM dead_letter {where} ORDER BY seq LIMIT ?",
             (*params, after, limit),
         )
         return [
-            DeadLetter(s, r, f, k, m, p, h, bytes(b), n, st, why, a)
-            for s, r, f, k, m, p, h, b, n, st, why, a in cur
+            DeadLetter(
+                s, r, f, _text(k), _text(m), _text(p), _text(h), bytes(b), n, st, _text(why), a
+            )
+            for s, r, f, k, m, p, h, why, b, n, st, a in cur
         ]
 
     def _dead_letter_count(self, selection: DeadLetterFilter) -> DeadLetterCount:
@@ -1156,8 +1164,17 @@ class Buffer:
         return self._closing
 
 
-def _contains_folded(text: str | None, part: str | None) -> bool:
-    return text is not None and part is not None and part.casefold() in text.casefold()
+def _contains_folded(text: bytes | str | None, part: str | None) -> bool:
+    if text is None or part is None:
+        return False
+    return part.casefold() in _text(text).casefold()
+
+
+def _text(value: bytes | str | None) -> str:
+    """Stored text as str, bytes that are not UTF-8 replaced (U+FFFD)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
 
 
 def _head_received_at(conn: sqlite3.Connection) -> float | None:

@@ -248,9 +248,14 @@ class Config:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    egress: bool = True,
 ) -> Config:
-    """Read the YAML file (if any), apply environment overrides, validate, return a Config."""
+    """Read the YAML file (if any), apply environment overrides, validate, return a Config.
+    egress=False skips reading the TLS files and the egress proxy: for the offline commands,
+    which never talk to upstream and may run where those files are not readable."""
     raw: Any = {}
     if path is not None:
         try:
@@ -263,10 +268,10 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if raw is None:
             raw = {}
-    return build_config(raw, os.environ if environ is None else environ)
+    return build_config(raw, os.environ if environ is None else environ, egress=egress)
 
 
-def build_config(raw: Any, environ: Mapping[str, str]) -> Config:
+def build_config(raw: Any, environ: Mapping[str, str], *, egress: bool = True) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
     config: Config = _build(Config, raw, prefix="")
@@ -274,7 +279,8 @@ def build_config(raw: Any, environ: Mapping[str, str]) -> Config:
     config = _apply_env(config, environ, (ENV_PREFIX,), "")
     _check(config)
     # The TLS files and the egress proxy are read now, so that a bad one stops the start.
-    build_egress(config.upstream, environ)
+    if egress:
+        build_egress(config.upstream, environ)
     return config
 
 

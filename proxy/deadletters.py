@@ -8,15 +8,18 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
+import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
@@ -27,7 +30,7 @@ from proxy.config import Config
 from proxy.envelope import mask_shown_keys, pixel_event, pixel_query
 from proxy.errors import BufferLockedError, DeadLetterError, IngestError, UsageError
 from proxy.headers import CREDENTIALS
-from proxy.shards import stored_shards
+from proxy.shards import shard_dirs, stored_shards
 
 log = structlog.get_logger("proxy")
 
@@ -38,6 +41,15 @@ PAGE = 500
 # A run shows progress once it passes either of these.
 PROGRESS_ROWS = 1000
 PROGRESS_AFTER_S = 2.0
+# A seq is SQLite's INTEGER: a larger ID cannot name a dead letter (and would not bind).
+MAX_SEQ = 2**63 - 1
+# A status from upstream is a three-digit HTTP status.
+STATUSES = range(100, 1000)
+# A row's own secret is masked wherever it appears in what is shown, when it is this long: a
+# shorter one would mangle ordinary text.
+MIN_MASKED_SECRET = 8
+
+T = TypeVar("T")
 
 
 def split_subcommand(argv: list[str]) -> tuple[str, list[str]]:
@@ -110,9 +122,24 @@ def check_write_key(value: str) -> str:
     return value
 
 
+def text_arg(flag: str, value: str | None) -> str | None:
+    """An argument that is matched against stored text must be text: bytes that are not UTF-8
+    arrive from argv as lone surrogates, which SQLite cannot take."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{flag}: not valid UTF-8 text") from None
+    return value
+
+
 def selection_of(args: argparse.Namespace) -> DeadLetterFilter:
     if args.reason is not None and not args.reason:
         raise UsageError("--reason: give some text to look for")
+    text_arg("--reason", args.reason)
+    text_arg("--key-id", args.key_id)
+    if args.status is not None and args.status not in STATUSES:
+        raise UsageError(f"--status: {args.status} is no HTTP status (100-999)")
     since = None if args.since is None else parse_time("--since", args.since)
     until = None if args.until is None else parse_time("--until", args.until)
     if since is not None and until is not None and since >= until:
@@ -130,7 +157,9 @@ def run(config: Config, sub: str, args: argparse.Namespace) -> None:
         raise UsageError("--write-key only applies with replay")
     command: Coroutine[Any, Any, None]
     if sub == "show":
-        command = show(config, args.id, args.shard)
+        if not 1 <= args.id <= MAX_SEQ:
+            raise UsageError(f"ID: {args.id} is no dead letter's seq (1 to {MAX_SEQ})")
+        command = show(config, args.id, text_arg("--shard", args.shard))
     else:
         selection = selection_of(args)
         progress = Progress(sub, forced=args.progress)
@@ -205,9 +234,9 @@ def metadata(shard: str, dead: DeadLetter) -> dict[str, Any]:
     }
 
 
-def summary(shard: str, dead: DeadLetter) -> dict[str, Any]:
+def summary(shard: str, dead: DeadLetter, raw: bool = False) -> dict[str, Any]:
     """What `list` shows: the metadata and the events' messageIds."""
-    found = events_of(dead)[0]
+    found = events_of(dead, raw)[0]
     ids = [e["messageId"] for e in found if isinstance(e, dict) and "messageId" in e]
     return {**metadata(shard, dead), "message_ids": ids}
 
@@ -216,7 +245,7 @@ def masked_headers(text: str) -> dict[str, Any]:
     """The stored headers, credentials (X-Write-Key above all) as `keyId:***`."""
     try:
         headers = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(headers, dict):
         return {}
@@ -226,12 +255,14 @@ def masked_headers(text: str) -> dict[str, Any]:
     }
 
 
-def body_of(dead: DeadLetter) -> Any:
+def body_of(dead: DeadLetter, raw: bool = False) -> Any:
     """The body parsed, with any key in it masked; None for a pixel's (empty) body, the text
-    for a body that is not JSON."""
+    for a body that is not JSON, or with `raw` (one that JSON cannot show, see per_row)."""
     if not dead.body:
         return None
     try:
+        if raw:
+            raise ValueError("shown as text")
         body = json.loads(dead.body)
     except ValueError:
         return dead.body.decode("utf-8", "replace")
@@ -244,10 +275,10 @@ def body_of(dead: DeadLetter) -> Any:
     return body
 
 
-def events_of(dead: DeadLetter) -> tuple[list[Any], dict[str, Any]]:
+def events_of(dead: DeadLetter, raw: bool = False) -> tuple[list[Any], dict[str, Any]]:
     """The events the dead letter holds (a batch's one by one, a pixel's from its query), and
     what a batch holds besides them (`context`), keys masked."""
-    body = body_of(dead)
+    body = body_of(dead, raw)
     if body is None:
         url = urlsplit(dead.path)
         query = pixel_query(parse_qsl(url.query, keep_blank_values=True))
@@ -265,6 +296,46 @@ def events_of(dead: DeadLetter) -> tuple[list[Any], dict[str, Any]]:
     return [body], {}
 
 
+def per_row(make: Callable[[bool], T]) -> T:
+    """What `make` renders of one row, or, for a body JSON cannot show (nested deeper than
+    Python recurses, a NaN that would print as invalid JSON), the same with the body as text:
+    one odd row must not stop a list or an export of the others."""
+    try:
+        return make(False)
+    except (RecursionError, ValueError):
+        return make(True)
+
+
+def dumps(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, allow_nan=False)
+
+
+def secret_of(dead: DeadLetter) -> str | None:
+    """The secret of the key the row was sent with (X-Write-Key), if long enough to mask."""
+    try:
+        headers = json.loads(dead.headers)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(headers, dict):
+        return None
+    for name, value in headers.items():
+        if name.lower() == "x-write-key" and isinstance(value, str):
+            secret = value.partition(":")[2] if ":" in value else value
+            return secret if len(secret) >= MIN_MASKED_SECRET else None
+    return None
+
+
+def mask_secret(text: str, dead: DeadLetter) -> str:
+    """`text` with the row's own secret masked wherever it sits (properties.writeKey, a
+    batch's context...), besides the fields masked by name: as JSON writes it, and as is."""
+    secret = secret_of(dead)
+    if secret is None:
+        return text
+    for form in {json.dumps(secret)[1:-1], secret}:
+        text = text.replace(form, "***")
+    return text
+
+
 # ---- the subcommands ---------------------------------------------------------------------
 
 
@@ -273,10 +344,15 @@ async def list_command(config: Config, selection: DeadLetterFilter, progress: Pr
         for shard in shards:
             async for page in pages(shard, selection):
                 for dead in page:
-                    print(json.dumps(summary(shard.name, dead)), flush=True)
+                    line = per_row(functools.partial(listed, shard.name, dead))
+                    print(mask_secret(line, dead), flush=True)
                 progress.add(rows=len(page), events=sum(d.events for d in page), shard=shard)
         progress.done()
         log.info("dead_letters_listed", **progress.counts(shards), **filters(selection))
+
+
+def listed(shard: str, dead: DeadLetter, raw: bool) -> str:
+    return dumps(summary(shard, dead, raw))
 
 
 async def show(config: Config, seq: int, shard_name: str | None) -> None:
@@ -299,14 +375,18 @@ async def show(config: Config, seq: int, shard_name: str | None) -> None:
             " say which with --shard"
         )
     ((shard, dead),) = found
-    shown = {
-        **summary(shard.name, dead),
-        "headers": masked_headers(dead.headers),
-        "body": body_of(dead),
-    }
-    if not dead.body:
-        shown["event"] = events_of(dead)[0][0]
-    print(json.dumps(shown, indent=2), flush=True)
+
+    def shown(raw: bool) -> str:
+        whole = {
+            **summary(shard.name, dead, raw),
+            "headers": masked_headers(dead.headers),
+            "body": body_of(dead, raw),
+        }
+        if not dead.body:
+            whole["event"] = events_of(dead, raw)[0][0]
+        return dumps(whole, indent=2)
+
+    print(mask_secret(per_row(shown), dead), flush=True)
     log.info("dead_letter_shown", seq=seq, shard=shard.name)
 
 
@@ -316,24 +396,32 @@ async def export(
     """One JSON line per event, with the dead letter it is in; written as it is read."""
     async with opened_shards(config) as shards:
         # Blocking writes are fine: nothing else runs on this loop.
-        with _output(output) as out:
+        with _output(output, config.buffer.path) as out:
             for shard in shards:
                 async for page in pages(shard, selection):
                     events = 0
                     for dead in page:
-                        found, batch = events_of(dead)
-                        meta = metadata(shard.name, dead)
-                        for index, event in enumerate(found):
-                            line = {**meta, "index": index, "event": event}
-                            if batch:
-                                line["batch"] = batch
-                            out.write(json.dumps(line) + "\n")
-                        events += len(found)
+                        text, count = per_row(functools.partial(exported, shard.name, dead))
+                        out.write(mask_secret(text, dead))
+                        events += count
                     out.flush()
                     progress.add(rows=len(page), events=events, shard=shard)
         progress.done()
         where = {"output": str(output)} if output is not None else {}
         log.info("dead_letters_exported", **progress.counts(shards), **filters(selection), **where)
+
+
+def exported(shard: str, dead: DeadLetter, raw: bool) -> tuple[str, int]:
+    """The JSON lines of a dead letter's events, each with where it is, and how many."""
+    found, batch = events_of(dead, raw)
+    meta = metadata(shard, dead)
+    lines = []
+    for index, event in enumerate(found):
+        line = {**meta, "index": index, "event": event}
+        if batch:
+            line["batch"] = batch
+        lines.append(dumps(line) + "\n")
+    return "".join(lines), len(found)
 
 
 async def replay_command(
@@ -399,17 +487,76 @@ def filters(selection: DeadLetterFilter) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _output(path: Path | None) -> Iterator[TextIO]:
+def _output(path: Path | None, buffer_path: str) -> Iterator[TextIO]:
+    """stdout, or the --output file; a file the export created is removed when the export
+    fails (a full disk, an interrupt): a partial export must not pass for a whole one."""
     if path is None:
         yield sys.stdout
         return
+    fd, created = _open_output(path, buffer_path)
     try:
-        # The events are the site's visitors' data: readable by the operator only.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as out:
+            yield out
+    except BaseException as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if isinstance(exc, OSError):
+            raise DeadLetterError(f"--output: cannot write {path}: {exc.strerror}") from None
+        raise
+
+
+def _open_output(path: Path, buffer_path: str) -> tuple[int, bool]:
+    """The --output file opened for writing, emptied and mode 0600 (the events are the site's
+    visitors' data: readable by the operator only); and whether it was created. Never a
+    symbolic link, never one of the buffer's own files: the command holds the buffer open, and
+    emptying its database would lose every event in it."""
+    base = Path(buffer_path).absolute()
+    where = Path(os.path.realpath(path.absolute().parent))
+    if where == base.resolve() or base.resolve() in where.parents:
+        raise UsageError(f"--output: {path} is inside buffer.path {base}: write it elsewhere")
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd, created = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            # Not emptied yet: it may be a buffer file under another name (a hard link).
+            fd, created = os.open(path, flags), False
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"--output: {path} is a symbolic link: name the file itself") from None
         raise UsageError(f"--output: cannot write {path}: {exc.strerror}") from None
-    with open(fd, "w", encoding="utf-8") as out:
-        yield out
+    try:
+        found = os.fstat(fd)
+        if (found.st_dev, found.st_ino) in _buffer_files(base):
+            raise UsageError(
+                f"--output: {path} is one of the buffer's own files: write it elsewhere"
+            )
+        if stat.S_ISREG(found.st_mode):  # not /dev/stdout, a pipe, a terminal
+            try:
+                os.fchmod(fd, 0o600)
+                os.ftruncate(fd, 0)
+            except OSError as exc:
+                raise UsageError(f"--output: cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        if created:
+            path.unlink(missing_ok=True)
+        raise
+    return fd, created
+
+
+def _buffer_files(base: Path) -> set[tuple[int, int]]:
+    """(device, inode) of every file in every shard directory: databases, -wal, -shm, locks."""
+    found = set()
+    for _index, shard in shard_dirs(base):
+        with contextlib.suppress(OSError), os.scandir(shard) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        found.add((info.st_dev, info.st_ino))
+    return found
 
 
 class Progress:

@@ -121,8 +121,8 @@ def env_proxies(environ: Mapping[str, str]) -> dict[str, str]:
         value = found[scheme]
         if "://" not in value:
             value = found[scheme] = f"http://{value}"  # curl's default scheme for a proxy
-        parts = urlsplit(value)
         try:
+            parts = urlsplit(value)  # raises on an unclosed [IPv6 address
             parts.port  # noqa: B018 - raises on a port that is no number
         except ValueError:
             parts = urlsplit("")
@@ -148,6 +148,9 @@ def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
 
 def describe(url: str) -> str:
     """A proxy URL for a log line or an error: scheme, host and port, never its credentials."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable>"
     host = parts.netloc.rpartition("@")[2]
     return f"{parts.scheme}://{host}" if host else "<unparsable>"

@@ -4,14 +4,21 @@ gone (fewer workers after a restart) is adopted by a worker and drained, never s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from proxy.buffer import DB_NAME
+from proxy.errors import BufferError_, BufferLockedError
 
 SHARD_DIR = re.compile(r"shard-([1-9][0-9]*)")
+# In buffer.path: held by the supervisor of several workers for its whole life, and by the
+# offline commands (salvage, dead-letters) for theirs.
+SUPERVISOR_LOCK = "supervisor.lock"
 
 
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -70,3 +77,26 @@ def adopted_by(base: Path, index: int, count: int) -> list[Path]:
     """The shards of workers that no longer exist (index >= count) that worker `index`
     drains: each goes to exactly one worker."""
     return [path for n, path in shard_dirs(base) if n >= count and n % count == index]
+
+
+@contextlib.contextmanager
+def offline_lock(path: str) -> Iterator[None]:
+    """The supervisor's lock on buffer.path, held while an offline command runs: between a
+    worker's exit and its restart no shard's own lock is held, and a purge or replay must not
+    slip into that gap (issue 10). Never waited for: a running proxy is an error."""
+    base = Path(path).absolute()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BufferError_(f"cannot use buffer directory {base}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BufferLockedError(
+                f"buffer directory {base} is in use by another process: stop the proxy first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

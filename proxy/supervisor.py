@@ -24,6 +24,7 @@ import structlog
 from proxy import fleet
 from proxy.config import Config
 from proxy.fleet import Worker
+from proxy.shards import SUPERVISOR_LOCK
 
 log = structlog.get_logger("proxy.supervisor")
 
@@ -42,7 +43,6 @@ PR_SET_PDEATHSIG = 1
 # a stopped process) and is killed and replaced.
 BEAT_EVERY_S = 1.0
 HUNG_AFTER_S = 30.0
-LOCK_NAME = "supervisor.lock"
 
 # What a worker runs after the fork: serves until told to stop, returns the exit code. It
 # calls `beat` once it serves, then every BEAT_EVERY_S while its event loop runs.
@@ -148,7 +148,7 @@ class Supervisor:
         """One supervisor per buffer.path; a predecessor still draining is waited for."""
         try:
             base.mkdir(parents=True, exist_ok=True)
-            fd = os.open(base / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StartError(
                 "buffer_unusable", f"cannot use buffer directory {base}: {exc}"
