@@ -121,7 +121,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except Exception as exc:
             if BROWSER_ROUTE in request:  # an event route: its refusals are counted by why
-                routes.count_refusal(state, exc)
+                routes.count_refusal(state, request, exc)
             response = error_response(request, exc)
         status = response.status
         origin = request.headers.get(hdrs.ORIGIN)

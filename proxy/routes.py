@@ -31,7 +31,14 @@ from proxy.errors import (
 from proxy.headers import MAX_UPSTREAM_HEADER_BYTES, ClientOrigin, forward_headers, header_bytes
 from proxy.refusals import CLIENT_DOMAIN, fingerprint
 from proxy.script import ScriptCache, etag_matches
-from proxy.state import APP_STATE, BROWSER_ROUTE, EVENT_COUNT, KEY_ID, AppState
+from proxy.state import (
+    APP_STATE,
+    BROWSER_ROUTE,
+    EVENT_COUNT,
+    EVENTS_AT_STAKE,
+    KEY_ID,
+    AppState,
+)
 
 # Jitsu's batch route and its aliases for Segment libraries (research notes §1).
 BATCH_PATHS = ("/v1/batch", "/v1/b", "/v1/batch/b", "/batch", "/b", "/batch/b", "/api/s/s2s/batch")
@@ -107,13 +114,14 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def count_refusal(state: AppState, exc: BaseException) -> None:
+def count_refusal(state: AppState, request: web.Request, exc: BaseException) -> None:
     """An event request refused at the edge, counted by why (proxy_events_refused_total):
     the one place every refusal of an event route is counted, the error middleware's
-    answers and the pixel's GIF alike."""
+    answers and the pixel's GIF alike. Each of its events once they are read (a batch
+    refused as a whole refuses them all), else the request counts as one."""
     reason = refusal_reason(exc)
     if reason is not None:
-        state.metrics.events_refused.labels(reason).inc()
+        state.metrics.events_refused.labels(reason).inc(request.get(EVENTS_AT_STAKE, 1))
 
 
 def _client_ip(request: web.Request, state: AppState) -> str:
@@ -132,6 +140,7 @@ async def _commit(
 ) -> list[int]:
     """One transaction for all of a request's envelopes: all are kept, or none. A key that
     upstream refused a moment ago is answered as Jitsu answered it, and nothing is kept."""
+    request[EVENTS_AT_STAKE] = sum(e.events for e in envelopes)
     first = envelopes[0]
     _check_upstream_size(state, first)
     refused = None
@@ -144,7 +153,7 @@ async def _commit(
             refused.replace(CLIENT_DOMAIN, domain), status=401, reason="key_refused_upstream"
         )
     seqs = await state.buffer.append(envelopes)
-    events = sum(e.events for e in envelopes)
+    events = request[EVENTS_AT_STAKE]
     state.metrics.events_accepted.inc(events)
     request[EVENT_COUNT] = events
     return seqs
@@ -250,6 +259,9 @@ async def ingest_batch(request: web.Request) -> web.Response:
         len(json.dumps(headers)),
         gzipped="gzip" in encoding.lower(),
     )
+    # A refusal of the whole batch from here on refuses the events that were fine: the others
+    # are counted as invalid_event below.
+    request[EVENTS_AT_STAKE] = prepared.ok_events
     if key is None:
         key = find_write_key({}, {}, prepared.body_key)
         _admit(request, state, key, strict=True)
@@ -414,10 +426,10 @@ async def pixel(request: web.Request) -> web.Response:
         await _commit(request, state, [envelope])
     except IngestError as exc:
         refused = True
-        count_refusal(state, exc)
+        count_refusal(state, request, exc)
         headers["X-Jitsu-Error"] = cookies.header_safe(exc.message)
     except (RateLimitedError, BufferError_, OverloadedError) as exc:
-        count_refusal(state, exc)
+        count_refusal(state, request, exc)
         headers["X-Jitsu-Error"] = cookies.header_safe(f"event not stored: {exc}")
     # The query's, when it has one at all (empty too: gin's DefaultQuery), else the event's.
     destination = first.get("destination_url", event.get("destination_url"))

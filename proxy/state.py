@@ -74,3 +74,5 @@ APP_STATE = web.AppKey("state", AppState)
 BROWSER_ROUTE = web.RequestKey("browser_route", bool)
 KEY_ID = web.RequestKey("key_id", str)
 EVENT_COUNT = web.RequestKey("events", int)
+# Events a request carries once they are read: what a refusal of the whole request refuses.
+EVENTS_AT_STAKE = web.RequestKey("events_at_stake", int)

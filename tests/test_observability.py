@@ -199,6 +199,42 @@ async def test_every_refusal_at_the_edge_is_counted_by_its_reason(
     upstream.hang = False
 
 
+async def test_a_batch_refused_as_a_whole_counts_each_of_its_events(
+    make_proxy: ProxyFactory, upstream: FakeJitsu
+) -> None:
+    """proxy_events_refused_total counts events, as proxy_events_accepted_total does: a batch
+    refused whole (no key, a key not relayed, no room) counted as one (attack pass 2, F2)."""
+    upstream.hang = True
+    proxy = await make_proxy(
+        buffer={"max_bytes": 20_000}, security={"allowed_key_ids": [KEY.split(":")[0]]}
+    )
+
+    def batch(n: int, bad: int = 0, pad: int = 0) -> dict[str, Any]:
+        events = [{**event(f"b{i}"), "pad": "p" * pad} for i in range(n)]
+        return {"batch": events + [{"type": "track"}] * bad}  # a track without its name
+
+    assert (await proxy.post("/v1/batch", json=batch(5))).status == 401
+    in_body = {**batch(4), "writeKey": "other:secret"}
+    assert (await proxy.post("/v1/batch", json=in_body)).status == 401
+    # A key in a header is refused before the body is read: its events are never counted.
+    other = {"X-Write-Key": "other:secret"}
+    assert (await proxy.post("/v1/batch", json=batch(7), headers=other)).status == 401
+    full = 0
+    for _ in range(6):
+        resp = await proxy.post("/v1/batch", json=batch(3, bad=2, pad=2000), headers=HEADERS)
+        full += resp.status == 503
+    assert full >= 1
+    samples = await scrape_app(proxy)
+
+    def refused(reason: str) -> float:
+        return value(samples, "proxy_events_refused_total", reason=reason)
+
+    assert refused("no_key") == 5
+    assert refused("unknown_key") == 4 + 1
+    assert refused("buffer_full") == 3 * full
+    assert refused("invalid_event") == 2 * 6
+
+
 async def test_dead_letters_are_counted_by_upstream_status(
     make_proxy: ProxyFactory, upstream: FakeJitsu
 ) -> None:
