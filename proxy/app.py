@@ -312,6 +312,16 @@ def create_app(config: Config, worker: fleet.Worker | None = None) -> web.Applic
                 "Worker processes the proxy runs (server.workers)",
                 lambda: worker.count if worker is not None else 1,
             ),
+            "proxy_workers_reporting": (
+                "Worker processes whose figures are in these totals fresh (each publishes twice"
+                " a second); below proxy_workers, the totals are partly stale",
+                lambda: 1.0,
+            ),
+            "proxy_buffer_fill_ratio": (
+                "The fullest worker's buffer: bytes over its share of buffer.max_bytes (at 1,"
+                " that worker's clients get 503)",
+                lambda: buffer.bytes / buffer.max_bytes if buffer.max_bytes else 0.0,
+            ),
             "proxy_workers_ready": (
                 "Worker processes that can take events now (added up over the workers)",
                 lambda: float(buffer.writable and not state.draining),

@@ -41,6 +41,8 @@ MAX_OF = frozenset(
         "proxy_upstream_next_attempt_seconds",
         "proxy_upstream_consecutive_failures",
         "proxy_workers",
+        "proxy_workers_reporting",
+        "proxy_buffer_fill_ratio",
         "proxy_worker_restarts",
     }
 )
@@ -101,6 +103,17 @@ def add_up(published: Iterable[list[Family]]) -> list[Family]:
 
 def cumulative(fams: list[Family]) -> list[Family]:
     return [fam for fam in fams if fam["type"] in CUMULATIVE]
+
+
+def gauges(fams: list[Family]) -> list[Family]:
+    return [fam for fam in fams if fam["type"] not in CUMULATIVE]
+
+
+def set_gauge(fams: list[Family], name: str, value: float) -> None:
+    """Give an unlabelled gauge of the totals a value only the answering worker knows."""
+    for fam in fams:
+        if fam["name"] == name:
+            fam["samples"] = [[name, {}, float(value)]]
 
 
 def render(fams: list[Family]) -> bytes:

@@ -219,17 +219,28 @@ async def metrics(request: web.Request) -> web.Response:
     else:
         # Totals from the reports alone, this worker's written first: two scrapes answered by
         # two workers a moment apart add up the same files, each only grown since.
-        publish_report(state)
+        published = publish_report(state)
         reports: list[list[fleet.Family]] = []
+        reporting = 0
         for index, report in enumerate(view.everyone()):
-            if index == view.worker.index and report is None:
-                # Never published (buffer.path/workers/ cannot be written): its own figures.
-                # Once it has, its last report stands even while publishing fails, so that
-                # totals stay put instead of going back (second attack pass, F3).
-                reports.append(fleet.add_up([fleet.families(state.metrics.registry), view.carried]))
+            if index == view.worker.index:
+                live = fleet.families(state.metrics.registry)
+                reporting += published
+                if report is None:
+                    # Never published (buffer.path/workers/ cannot be written): its own figures.
+                    reports.append(fleet.add_up([live, view.carried]))
+                else:
+                    # Its counters as last published, so that totals stay put instead of going
+                    # back whichever worker answers (second attack pass of issue 9, F3); its
+                    # gauges as they are now, so that a worker that cannot publish still tells
+                    # its own state (attack pass 2 of issue 10, F1).
+                    reports.append(fleet.cumulative(report.metrics) + fleet.gauges(live))
             elif report is not None:
                 # A worker that stopped reporting still counted what it counted; its gauges
                 # describe a moment long gone.
+                reporting += report.fresh
                 reports.append(report.metrics if report.fresh else fleet.cumulative(report.metrics))
-        body = fleet.render(fleet.add_up(reports))
+        totals = fleet.add_up(reports)
+        fleet.set_gauge(totals, "proxy_workers_reporting", reporting)
+        body = fleet.render(totals)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

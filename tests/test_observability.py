@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import fleet
 from proxy.backlog import BacklogWatch
 from tests.conftest import ProxyFactory, state, until
 from tests.fakejitsu import Answer, FakeJitsu, reset
@@ -323,6 +325,30 @@ async def test_backlog_warnings_are_logged_once_and_cleared_once(
 
 
 @pytest.mark.timeout(90)
+async def test_workers_that_cannot_publish_still_show_their_gauges_and_say_so(
+    spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """With buffer.path/workers/ unwritable (here: a file in its place; a full disk does the
+    same), every gauge vanished from /metrics once the reports went stale, so no alert on
+    proxy_buffer_writable or proxy_upstream_up could fire (attack pass 2, F1). The answering
+    worker's own gauges stay, and proxy_workers_reporting says how many reports are fresh."""
+    proxy = spawn(server={"workers": 2})
+    proxy.start()
+    await proxy.wait_ready()
+    calm = await scrape(session, proxy)
+    assert value(calm, "proxy_workers_reporting") == 2
+    workers = tmp_path / "buffer" / fleet.FLEET_DIR
+    shutil.rmtree(workers)
+    workers.write_text("not a directory")
+    await asyncio.sleep(fleet.STALE_AFTER_S + 1)
+    stale = await scrape(session, proxy)
+    assert value(stale, "proxy_workers_reporting") == 0
+    assert value(stale, "proxy_workers") == 2
+    assert value(stale, "proxy_buffer_writable") == 1
+    assert value(stale, "proxy_upstream_up") == 1
+    assert value(stale, "proxy_buffer_fill_ratio") == 0
+
+
 async def test_workers_add_up_the_histogram_and_take_the_largest_age_and_backoff(
     spawn: Spawn, upstream: FakeJitsu, session: aiohttp.ClientSession
 ) -> None:
