@@ -462,8 +462,11 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            ops.publish_report(state)
-            view.everyone()  # keeps the last report of each in mind, should the files go
+            try:
+                ops.publish_report(state)
+                view.everyone()  # keeps the last report of each in mind, should the files go
+            except Exception:  # a bug here must not end the reports for good, silently
+                log.exception("worker_report_loop_failed")
             await asyncio.sleep(fleet.PUBLISH_EVERY_S)
 
     task = asyncio.create_task(loop(), name="fleet-report")

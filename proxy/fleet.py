@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import stat
 import time
@@ -26,6 +27,14 @@ FLEET_DIR = "workers"
 PUBLISH_EVERY_S = 0.5
 # A report is a few KiB; anything much larger is not one.
 MAX_REPORT_BYTES = 1 << 20
+# Nor is one with far more families or series than the proxy exports, or a restart count no
+# supervisor reaches.
+MAX_FAMILIES = 500
+MAX_SAMPLES = 20_000
+MAX_RESTARTS = 1_000_000_000
+METRIC_TYPES = frozenset(
+    {"counter", "gauge", "histogram", "summary", "info", "stateset", "unknown"}
+)
 # A worker that has not published for this long is gone or stuck: the proxy is not ready.
 STALE_AFTER_S = 5.0
 # Gauges that are not added up: all must hold (min), or any (max).
@@ -209,6 +218,8 @@ class Fleet:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             payload = json.loads(_read_report(self._file(index)))
             at = float(payload["at"])
+            if not _well_formed(payload["metrics"]):
+                raise ValueError("not a worker's metrics")
             self._last[index] = (
                 at,
                 Report(
@@ -220,6 +231,39 @@ class Fleet:
             return None
         at, report = last
         return dataclasses.replace(report, age_s=max(0.0, time.time() - at))
+
+
+def _well_formed(fams: Any) -> bool:
+    """Metric families as publish() writes them, within bounds: a file that is not one (planted
+    by anyone who can write in the directory, or half-written by a bug) must neither break
+    /metrics nor enter the totals."""
+    if not isinstance(fams, list) or len(fams) > MAX_FAMILIES:
+        return False
+    samples = 0
+    for fam in fams:
+        if not (
+            isinstance(fam, dict)
+            and isinstance(fam.get("name"), str)
+            and isinstance(fam.get("help"), str)
+            and fam.get("type") in METRIC_TYPES
+            and isinstance(fam.get("samples"), list)
+        ):
+            return False
+        samples += len(fam["samples"])
+        for sample in fam["samples"]:
+            if not (isinstance(sample, list) and len(sample) == 3):
+                return False
+            name, labels, value = sample
+            if not (
+                isinstance(name, str)
+                and isinstance(labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                return False
+    return samples <= MAX_SAMPLES
 
 
 def _read_report(path: Path) -> bytes:
@@ -258,7 +302,9 @@ def write_restarts(base: Path, count: int) -> None:
 def read_restarts(base: Path) -> int:
     """Worker restarts since the supervisor started; 0 when it has written none."""
     with contextlib.suppress(OSError, ValueError):
-        return max(0, int(_read_report(base / FLEET_DIR / RESTARTS_FILE)[:32]))
+        count = int(_read_report(base / FLEET_DIR / RESTARTS_FILE)[:32])
+        if 0 <= count <= MAX_RESTARTS:
+            return count
     return 0
 
 

@@ -3,6 +3,7 @@ which worker drains which shard."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,3 +123,36 @@ def test_a_report_is_never_written_through_a_planted_link(tmp_path: Path) -> Non
     assert target.read_text() == "untouched"
     (report,) = view.everyone()
     assert report is not None and report.status == {"ready": False}
+
+
+def test_a_report_not_shaped_as_one_is_not_added_up(tmp_path: Path) -> None:
+    """Attack pass 2 of issue 10, F6: a report whose sample value was not a number broke
+    /metrics and /readyz (500), and 2000 planted series entered the totals; a garbage restart
+    count made the counter jump to 1e31 and back. Such files count as unreadable: the last
+    good report stands."""
+    good = Fleet(tmp_path, Worker(1, 2))
+    good.publish({"ready": True}, fleet.families(_registry(5, 9, 1)))
+    reader = Fleet(tmp_path, Worker(0, 2))
+    assert reader.others()[1] is not None
+    path = tmp_path / fleet.FLEET_DIR / "worker-1.json"
+    planted = json.loads(path.read_text())
+    bad_samples: list[object] = [
+        [["proxy_events_accepted_total", {}, "lol"]],
+        [["proxy_events_accepted_total", {}, float("nan")]],
+        [["proxy_events_accepted_total", {"k": 1}, 1]],
+        [["proxy_evil_total", {"k": str(j)}, 1] for j in range(fleet.MAX_SAMPLES + 1)],
+        "not a list",
+    ]
+    for samples in bad_samples:
+        planted["metrics"] = [{"name": "x", "type": "counter", "help": "h", "samples": samples}]
+        path.write_text(json.dumps(planted))
+        report = reader.others()[1]
+        assert report is not None
+        text = fleet.render(fleet.add_up([report.metrics])).decode()
+        assert "proxy_events_accepted_total 5.0" in text and "evil" not in text
+    restarts = tmp_path / fleet.FLEET_DIR / fleet.RESTARTS_FILE
+    for content in ("9" * 31, "-7", "nan"):
+        restarts.write_text(content)
+        assert fleet.read_restarts(tmp_path) == 0
+    restarts.write_text("3")
+    assert fleet.read_restarts(tmp_path) == 3
