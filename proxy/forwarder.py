@@ -42,7 +42,7 @@ from proxy.coalesce import Fate, Member, ReadAhead, Settled, Unit, member, read_
 from proxy.config import UpstreamConfig
 from proxy.envelope import StoredBatch, pixel_destination, read_stored_batch
 from proxy.errors import BufferError_
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, response_class
 from proxy.refusals import CLIENT_DOMAIN, STREAM_NOT_FOUND, KeyRefusals, fingerprint, route_kind
 from proxy.retry import (
     RETRY_STATUSES,
@@ -259,7 +259,7 @@ class Forwarder:
         async def on_end(
             _s: aiohttp.ClientSession, ctx: SimpleNamespace, p: aiohttp.TraceRequestEndParams
         ) -> None:
-            self._attempt_ended(ctx, f"{p.response.status // 100}xx")
+            self._attempt_ended(ctx, response_class(p.response.status))
 
         async def on_exception(
             _s: aiohttp.ClientSession,

@@ -24,7 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Upstream answers in seconds, from a loopback 5 ms to upstream.timeout_s's default of 30 s.
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # The classes of proxy_upstream_responses_total: an HTTP status class, or no answer at all.
-RESPONSE_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
+RESPONSE_CLASSES = ("2xx", "3xx", "4xx", "5xx", "other", "error", "timeout")
 
 
 Reads = dict[str, tuple[str, Callable[[], float]]]
@@ -50,6 +50,17 @@ def _every_value(counter: Counter, values: Iterable[str]) -> Counter:
     for value in values:
         counter.labels(value)
     return counter
+
+
+def response_class(status: int) -> str:
+    """A status's class label; "other" for what HTTP has no class for (000, 600, 999)."""
+    return f"{status // 100}xx" if 200 <= status <= 599 else "other"
+
+
+def status_label(status: int | None) -> str:
+    """A dead letter's status label: the status as Jitsu answered it (100-999: what aiohttp
+    reads), "none" when no answer came (a row that cannot be sent)."""
+    return "none" if status is None else str(status)
 
 
 class Metrics:
@@ -133,7 +144,7 @@ class Metrics:
         """Count events gone to the dead-letter store (both counters: the plain one stays)."""
         self.events_dead_lettered.inc(events)
         if events:
-            self.events_dead_lettered_by_status.labels(str(status or "none")).inc(events)
+            self.events_dead_lettered_by_status.labels(status_label(status)).inc(events)
 
     def gauges(self, gauges: Reads) -> None:
         self.registry.register(_Callbacks(GaugeMetricFamily, gauges))

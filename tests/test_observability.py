@@ -31,7 +31,7 @@ from tests.procs import KEY, ROOT, SECRET, ProxyProcess, Spawn
 OBSERVABILITY = ROOT / "deploy" / "observability"
 HEADERS = {"X-Write-Key": KEY}
 # Every attempt's answer class; they add up to the latency histogram's count.
-CLASSES = ("2xx", "3xx", "4xx", "5xx", "error", "timeout")
+CLASSES = ("2xx", "3xx", "4xx", "5xx", "other", "error", "timeout")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -249,6 +249,27 @@ async def test_dead_letters_are_counted_by_upstream_status(
     samples = await scrape_app(proxy)
     assert value(samples, "proxy_events_dead_lettered_by_status_total", status="400") == 2
     assert value(samples, "proxy_events_dead_lettered_total") == 2
+
+
+async def test_a_status_http_has_no_class_for_is_counted_as_other(
+    make_proxy: ProxyFactory, upstream: FakeJitsu
+) -> None:
+    """Attack pass 2, F5: status 600 made a "6xx" class the docs do not know of."""
+    proxy = await make_proxy(upstream={"coalesce": False})
+    upstream.fault = lambda rec: Answer(600, {"error": "event error: odd"})
+    resp = await proxy.post("/api/s/s2s/track", json=event("odd"), headers=HEADERS)
+    assert resp.status == 200
+    await until(lambda: state(proxy).buffer.dead_rows == 1)
+    samples = await scrape_app(proxy)
+    assert answers(samples) == {**dict.fromkeys(CLASSES, 0.0), "other": 1.0}
+    assert value(samples, "proxy_events_dead_lettered_by_status_total", status="600") == 1
+    assert not [
+        k
+        for k in samples
+        if k[0] == "proxy_upstream_responses_total"
+        and len(k[1])
+        and dict(k[1]).get("class") == "6xx"
+    ]
 
 
 async def test_script_cache_hits_misses_and_refreshes(
