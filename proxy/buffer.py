@@ -415,6 +415,8 @@ class Buffer:
         self.dead_dropped_events = 0
         self._trimming = False
         self.last_error: str | None = None
+        # Between a write that found the disk full and the next that succeeded.
+        self._disk_full = False
         self.sqlite_settings: dict[str, str] = {}
         # Corrupt buffer files moved aside since start: {"path", "reason"}.
         self.quarantined: list[dict[str, str]] = []
@@ -904,6 +906,9 @@ class Buffer:
         inserted = False
         if any(ok for ok, _ in results):
             self.last_error = None
+            if self._disk_full:
+                log.info("buffer_disk_full_cleared")
+                self._disk_full = False
         for op, (ok, result) in zip(ops, results, strict=True):
             if isinstance(op.args, Write):
                 if ok:
@@ -965,7 +970,9 @@ class Buffer:
                 continue
             self.last_error = str(result)
             if _is_disk_full(result):
-                log.error("buffer_disk_full", error=str(result))
+                if not self._disk_full:  # once an episode, not once per refused request
+                    log.error("buffer_disk_full", error=str(result))
+                    self._disk_full = True
                 op.future.set_exception(BufferFullError("disk full: cannot store events"))
             else:
                 log.error("buffer_write_failed", error=str(result), op=op.kind)

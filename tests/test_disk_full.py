@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ def fill(path: Path) -> int:
 
 @pytest.mark.timeout(60)
 async def test_full_disk_answers_503_and_recovers(
-    make_proxy: Any, upstream: FakeJitsu, small_disk: Path
+    make_proxy: Any, upstream: FakeJitsu, small_disk: Path, logs: io.StringIO
 ) -> None:
     await upstream.stop()
     proxy = await make_proxy(buffer={"path": str(small_disk / "buffer"), "min_free_bytes": 0})
@@ -95,6 +96,10 @@ async def test_full_disk_answers_503_and_recovers(
     filler.unlink()
     assert set(await send(20)) == {200}
     assert (await proxy.get("/readyz")).status == 200
+    # Said once for the episode, not once per refused request (attack pass 2 of issue 10).
+    said = logs.getvalue()
+    assert said.count('"buffer_disk_full"') == 1 and statuses.count(503) > 1
+    assert said.count('"buffer_disk_full_cleared"') == 1
 
     await upstream.start()
     await upstream.wait_for(lambda f: accepted <= set(f.delivered_ids()), timeout=30)
