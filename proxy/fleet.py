@@ -156,7 +156,19 @@ class Report:
 
     @property
     def fresh(self) -> bool:
-        return self.age_s <= STALE_AFTER_S
+        """Written lately by a process that still runs: a worker killed a moment ago (its
+        successor not yet reporting) is not counted as ready on its last words."""
+        return self.age_s <= STALE_AFTER_S and _running(self.pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return pid > 0
 
 
 class Fleet:

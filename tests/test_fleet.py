@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -156,3 +157,18 @@ def test_a_report_not_shaped_as_one_is_not_added_up(tmp_path: Path) -> None:
         assert fleet.read_restarts(tmp_path) == 0
     restarts.write_text("3")
     assert fleet.read_restarts(tmp_path) == 3
+
+
+def test_the_report_of_a_worker_that_no_longer_runs_is_not_fresh(tmp_path: Path) -> None:
+    """A worker killed a moment ago left a report a few seconds young: /readyz said "pass"
+    naming its pid, and a test that then signalled that pid found no such process."""
+    Fleet(tmp_path, Worker(1, 2)).publish({"ready": True}, [])
+    reader = Fleet(tmp_path, Worker(0, 2))
+    report = reader.others()[1]
+    assert report is not None and report.fresh
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    path = tmp_path / fleet.FLEET_DIR / "worker-1.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pid": gone.pid}))
+    report = reader.others()[1]
+    assert report is not None and report.age_s < fleet.STALE_AFTER_S and not report.fresh
