@@ -48,6 +48,11 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+def values(samples: Samples, *names: str) -> dict[str, float]:
+    """Unlabelled series by name, to compare several at once."""
+    return {name: value(samples, name) for name in names}
+
+
 def answers(samples: Samples) -> dict[str, float]:
     return {c: value(samples, "proxy_upstream_responses_total", **{"class": c}) for c in CLASSES}
 
@@ -125,11 +130,14 @@ async def test_an_outage_and_its_recovery_as_the_metrics_show_them(
         session, lambda s: s["buffer"]["rows"] == 0 and not s["upstream"]["failing"]
     )
     back = await scrape(session, proxy)
-    assert value(back, "proxy_upstream_up") == 1
-    assert value(back, "proxy_upstream_backoff_seconds") == 0
-    assert value(back, "proxy_upstream_next_attempt_seconds") == 0
-    assert value(back, "proxy_upstream_consecutive_failures") == 0
-    assert value(back, "proxy_buffer_oldest_event_age_seconds") == 0
+    calm = {
+        "proxy_upstream_up": 1,
+        "proxy_upstream_backoff_seconds": 0,
+        "proxy_upstream_next_attempt_seconds": 0,
+        "proxy_upstream_consecutive_failures": 0,
+        "proxy_buffer_oldest_event_age_seconds": 0,
+    }
+    assert values(back, *calm) == calm
     assert answers(back)["2xx"] == 5
     assert value(back, "proxy_upstream_request_duration_seconds_count") == len(upstream.received)
     assert await proxy.terminate_async() == 0
@@ -363,11 +371,14 @@ async def test_workers_that_cannot_publish_still_show_their_gauges_and_say_so(
     workers.write_text("not a directory")
     await asyncio.sleep(fleet.STALE_AFTER_S + 1)
     stale = await scrape(session, proxy)
-    assert value(stale, "proxy_workers_reporting") == 0
-    assert value(stale, "proxy_workers") == 2
-    assert value(stale, "proxy_buffer_writable") == 1
-    assert value(stale, "proxy_upstream_up") == 1
-    assert value(stale, "proxy_buffer_fill_ratio") == 0
+    own_gauges = {
+        "proxy_workers_reporting": 0,
+        "proxy_workers": 2,
+        "proxy_buffer_writable": 1,
+        "proxy_upstream_up": 1,
+        "proxy_buffer_fill_ratio": 0,
+    }
+    assert values(stale, *own_gauges) == own_gauges
 
 
 async def test_workers_add_up_the_histogram_and_take_the_largest_age_and_backoff(

@@ -192,8 +192,8 @@ class ConnectProxy:
         self._writers: set[asyncio.StreamWriter] = set()
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def host_port(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -251,10 +251,16 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
 
 
+# The egress proxy's credentials, as an on-prem HTTPS_PROXY carries them.
+PROXY_USER, PROXY_PASSWORD = "relay", "pa55word"
+
+
 @pytest.fixture
-async def egress_proxy() -> AsyncIterator[ConnectProxy]:
+async def egress_proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ConnectProxy]:
+    """A CONNECT proxy named, with credentials, in this test's HTTPS_PROXY."""
     proxy = ConnectProxy()
     await proxy.start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{PROXY_USER}:{PROXY_PASSWORD}@{proxy.host_port}")
     yield proxy
     await proxy.stop()
 
@@ -275,8 +281,7 @@ async def test_egress_proxy_from_the_environment(
     no_proxy: str,
     via_proxy: bool,
 ) -> None:
-    host_port = egress_proxy.url.removeprefix("http://")
-    monkeypatch.setenv("HTTPS_PROXY", f"http://relay:pa55word@{host_port}")
+    host_port = egress_proxy.host_port
     if no_proxy:
         monkeypatch.setenv("NO_PROXY", no_proxy)
     # The script from another name of the same host: its CONNECT tells it from the events'.
@@ -293,12 +298,12 @@ async def test_egress_proxy_from_the_environment(
     events_host = f"127.0.0.1:{upstream.port}"
     if via_proxy:
         assert {events_host, script_host} <= set(egress_proxy.targets)
-        basic = "Basic " + base64.b64encode(b"relay:pa55word").decode()
+        basic = "Basic " + base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode()).decode()
         assert set(egress_proxy.authorizations) == {basic}
         assert f'"proxy":"http://{host_port}","event":"upstream_via_proxy"' in logs.getvalue()
     else:
         assert egress_proxy.targets == []
-    assert "pa55word" not in logs.getvalue()
+    assert PROXY_PASSWORD not in logs.getvalue()
 
 
 async def test_a_refusing_egress_proxy_never_gets_its_password_into_the_logs(
@@ -306,7 +311,6 @@ async def test_a_refusing_egress_proxy_never_gets_its_password_into_the_logs(
     upstream: FakeJitsu,
     egress_proxy: ConnectProxy,
     pems: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
     logs: io.StringIO,
 ) -> None:
     """aiohttp's proxy errors quote the proxy's URL, credentials and all: they reached the
@@ -315,8 +319,7 @@ async def test_a_refusing_egress_proxy_never_gets_its_password_into_the_logs(
         b"HTTP/1.1 407 Proxy Authentication Required\r\n"
         b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n'
     )
-    host_port = egress_proxy.url.removeprefix("http://")
-    monkeypatch.setenv("HTTPS_PROXY", f"http://relay:pa55word@{host_port}")
+    host_port = egress_proxy.host_port
     proxy = await make_proxy(upstream={"ca_file": pems["ca_file"], "trust_env": True})
     await send(proxy, "m-refused")
     await until(lambda: "upstream_retry" in logs.getvalue(), timeout=10)
@@ -324,7 +327,7 @@ async def test_a_refusing_egress_proxy_never_gets_its_password_into_the_logs(
     ready = await (await proxy.get("/readyz")).text()
     assert upstream.received == [] and state(proxy).buffer.rows == 1
     assert "407" in logs.getvalue()
-    assert "pa55word" not in logs.getvalue() + ready
+    assert PROXY_PASSWORD not in logs.getvalue() + ready
     assert f"http://***@{host_port}" in logs.getvalue()
 
 
