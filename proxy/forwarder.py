@@ -531,7 +531,6 @@ class Forwarder:
             log.debug("envelope_forwarded", seq=row.seq, events=row.events, attempts=tries)
             return
         await self.buffer.dead_letter(row.seq, attempt.status, attempt.reason, tries)
-        self.metrics.dead_lettered(attempt.status, row.events)
         self._dead_lettered(row, attempt.status, attempt.reason, tries, row.events)
 
     async def _settle_events(
@@ -561,7 +560,6 @@ class Forwarder:
         )
         dead = len(partial.verdicts) - accepted - len(retry)
         self.metrics.events_delivered.inc(accepted)
-        self.metrics.dead_lettered(status, dead)
         log.info(
             "batch_partially_accepted",
             seq=row.seq,
@@ -737,8 +735,6 @@ class Forwarder:
         await self.buffer.settle(RowsSettlement(tuple(taken), tuple(dead)))
         self.parked.update(parked)
         self.metrics.events_delivered.inc(len(taken))
-        for letter in dead:
-            self.metrics.dead_lettered(letter.status, 1)
         rows = {row.seq: row for row, _ in unit.items}
         for letter in dead:
             self._dead_lettered(rows[letter.seq], letter.status, letter.reason, tries, 1)
@@ -763,6 +759,8 @@ class Forwarder:
     def _dead_lettered(
         self, row: Row, status: int | None, reason: str, tries: int, events: int
     ) -> None:
+        """Events of `row` became dead letters (committed): counted and logged, in one place."""
+        self.metrics.dead_lettered(status, events)
         log.warning(
             "event_dead_lettered",
             seq=row.seq,
