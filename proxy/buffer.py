@@ -16,7 +16,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import structlog
 
 from proxy.auth import key_id as key_id_of
 from proxy.config import BufferConfig
-from proxy.envelope import Envelope
+from proxy.envelope import Envelope, replace_surrogates
 from proxy.errors import BufferClosedError, BufferError_, BufferFullError, BufferLockedError
 
 log = structlog.get_logger("proxy.buffer")
@@ -42,7 +41,6 @@ APPLICATION_ID = 0x4A545355  # "JTSU"
 MAX_GROUP = 1024
 # A dead letter's reason is kept to this many characters (upstream chooses its length).
 MAX_REASON_CHARS = 2048
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # What a dead letter counts against buffer.max_dead_letter_bytes: its row and its reason.
 DEAD_SIZE = "size + length(CAST(reason AS BLOB))"
 # SQL function: is the second text in the first, whatever the case (SQLite's own lower() and
@@ -1201,7 +1199,7 @@ def stored_reason(text: str) -> str:
     """A dead letter's reason as SQLite can store it: at most MAX_REASON_CHARS, and a lone
     surrogate (an upstream's JSON may escape one: "\\ud800") as U+FFFD. Unstorable, the
     dead-letter write failed and the row went upstream again at once, for ever."""
-    return _LONE_SURROGATE.sub("\ufffd", text[:MAX_REASON_CHARS])
+    return replace_surrogates(text[:MAX_REASON_CHARS])
 
 
 def _dead_letter_row(conn: sqlite3.Connection, dead: DeadRow) -> tuple[int, int, int] | None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
-from proxy.envelope import EVENT_TYPES, MAX_EVENT_NAME, resolve_type
+from proxy.envelope import EVENT_TYPES, MAX_EVENT_NAME, replace_surrogates, resolve_type
 from proxy.retry import (
     BATCH_ERROR,
     EVENT_ERROR,
@@ -47,7 +47,6 @@ MAX_PASSED_OVER = 64
 # The size error patchEvent's caller gives (router.go buildIngestMessage): the ingest message
 # holds the request's headers, Content-Length included, which a batch makes longer.
 MESSAGE_SIZE = f"{EVENT_ERROR}: message size "
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,21 +157,17 @@ def _printed(event: dict[str, Any], field: str) -> str | None:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {_text(k): _plain(v) for k, v in value.items()}
+        return {replace_surrogates(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, str):
-        return _text(value)
+        return replace_surrogates(value)
     if isinstance(value, bool) or value is None:
         return value
     try:
         return float(value)
     except OverflowError:
         return "<huge number>"
-
-
-def _text(value: str) -> str:
-    return _SURROGATE.sub("\ufffd", value)
 
 
 def _alike(a: str | None, b: str | None) -> bool:

@@ -393,6 +393,13 @@ def parse_batch_payload(body: bytes, max_events: int | None = None) -> dict[str,
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 _SPACE = re.compile(r"[ \t\n\r]*")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """Lone surrogates (a JSON "\\ud800" escape, bytes that were not UTF-8) as U+FFFD, as Go
+    decodes them, and so that the text has a UTF-8 form SQLite can store."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 @dataclasses.dataclass
