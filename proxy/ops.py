@@ -192,12 +192,15 @@ def _add_up_upstream(states: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def publish_report(state: AppState) -> bool:
-    """Write this worker's report for the others; False (said once in the log) if it cannot."""
+def publish_report(state: AppState, live: list[fleet.Family] | None = None) -> bool:
+    """Write this worker's report for the others (`live`: its families, when the caller has
+    collected them already); False (said once in the log) if it cannot."""
     view = state.fleet
     assert view is not None
+    if live is None:
+        live = fleet.families(state.metrics.registry)
     try:
-        view.publish(worker_status(state), fleet.families(state.metrics.registry))
+        view.publish(worker_status(state), live)
     except OSError as exc:
         if not view.failing:  # a full disk says so elsewhere too
             log.warning(
@@ -219,12 +222,12 @@ async def metrics(request: web.Request) -> web.Response:
     else:
         # Totals from the reports alone, this worker's written first: two scrapes answered by
         # two workers a moment apart add up the same files, each only grown since.
-        published = publish_report(state)
+        live = fleet.families(state.metrics.registry)
+        published = publish_report(state, live)
         reports: list[list[fleet.Family]] = []
         reporting = 0
         for index, report in enumerate(view.everyone()):
             if index == view.worker.index:
-                live = fleet.families(state.metrics.registry)
                 reporting += published
                 if report is None:
                     # Never published (buffer.path/workers/ cannot be written): its own figures.

@@ -140,7 +140,8 @@ async def _commit(
 ) -> list[int]:
     """One transaction for all of a request's envelopes: all are kept, or none. A key that
     upstream refused a moment ago is answered as Jitsu answered it, and nothing is kept."""
-    request[EVENTS_AT_STAKE] = sum(e.events for e in envelopes)
+    events = sum(e.events for e in envelopes)
+    request[EVENTS_AT_STAKE] = events
     first = envelopes[0]
     _check_upstream_size(state, first)
     refused = None
@@ -153,7 +154,6 @@ async def _commit(
             refused.replace(CLIENT_DOMAIN, domain), status=401, reason="key_refused_upstream"
         )
     seqs = await state.buffer.append(envelopes)
-    events = request[EVENTS_AT_STAKE]
     state.metrics.events_accepted.inc(events)
     request[EVENT_COUNT] = events
     return seqs
