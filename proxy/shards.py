@@ -9,6 +9,7 @@ import fcntl
 import math
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,27 @@ def adopted_by(base: Path, index: int, count: int) -> list[Path]:
     return [path for n, path in shard_dirs(base) if n >= count and n % count == index]
 
 
+def supervisor_lock(base: Path, wait_s: float = 0.0) -> int:
+    """The open, locked supervisor.lock of buffer.path (its fd: closing it unlocks), waiting
+    up to `wait_s` for a holder to let go. BufferError_ when the directory cannot be used,
+    BufferLockedError when another process keeps it."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BufferError_(f"cannot use buffer directory {base}: {exc.strerror}") from exc
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise BufferLockedError(f"buffer directory {base} is in use") from None
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def offline_lock(path: str) -> Iterator[None]:
     """The supervisor's lock on buffer.path, held while an offline command runs: between a
@@ -86,17 +108,12 @@ def offline_lock(path: str) -> Iterator[None]:
     slip into that gap (issue 10). Never waited for: a running proxy is an error."""
     base = Path(path).absolute()
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise BufferError_(f"cannot use buffer directory {base}: {exc.strerror}") from exc
+        fd = supervisor_lock(base)
+    except BufferLockedError:
+        raise BufferLockedError(
+            f"buffer directory {base} is in use by another process: stop the proxy first"
+        ) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BufferLockedError(
-                f"buffer directory {base} is in use by another process: stop the proxy first"
-            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import signal
 import socket
@@ -23,8 +22,9 @@ import structlog
 
 from proxy import fleet
 from proxy.config import Config
+from proxy.errors import BufferError_, BufferLockedError
 from proxy.fleet import Worker
-from proxy.shards import SUPERVISOR_LOCK
+from proxy.shards import supervisor_lock
 
 log = structlog.get_logger("proxy.supervisor")
 
@@ -146,26 +146,15 @@ class Supervisor:
 
     def _lock(self, base: Path) -> None:
         """One supervisor per buffer.path; a predecessor still draining is waited for."""
+        wait_s = self.config.server.shutdown_timeout_s + DRAIN_MARGIN_S
         try:
-            base.mkdir(parents=True, exist_ok=True)
-            fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
+            fd = supervisor_lock(base, wait_s)
+        except BufferLockedError:
             raise StartError(
-                "buffer_unusable", f"cannot use buffer directory {base}: {exc}"
-            ) from exc
-        deadline = time.monotonic() + self.config.server.shutdown_timeout_s + DRAIN_MARGIN_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise StartError(
-                        "buffer_unusable",
-                        f"buffer directory {base} is in use by another proxy",
-                    ) from None
-                time.sleep(0.1)
+                "buffer_unusable", f"buffer directory {base} is in use by another proxy"
+            ) from None
+        except BufferError_ as exc:
+            raise StartError("buffer_unusable", str(exc)) from exc
         self._lock_fd = fd
 
     def run(self) -> int:
