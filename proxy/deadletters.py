@@ -16,7 +16,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -434,12 +434,12 @@ async def replay_command(
     """Back into the send queue of the shard each dead letter is in, bodies (and so their
     messageIds) unchanged: Jitsu deduplicates a copy that did arrive before."""
     async with opened_shards(config) as shards:
-        for shard in shards:
-            count = await shard.buffer.count_dead_letters(selection)
-            if not dry_run and count.rows:
-                await shard.buffer.requeue_dead_letters(selection, write_key=write_key)
-            progress.add(rows=count.rows, events=count.events, shard=shard)
-        progress.done()
+        await each_shard(
+            shards,
+            selection,
+            progress,
+            None if dry_run else lambda b: b.requeue_dead_letters(selection, write_key=write_key),
+        )
         # The new key's id only: its secret never reaches a log line.
         new_id = {"write_key_id": key_id(write_key)} if write_key is not None else {}
         log.info(
@@ -464,15 +464,13 @@ async def purge(
     config: Config, selection: DeadLetterFilter, progress: Progress, dry_run: bool
 ) -> None:
     """Deleted for good: they no longer count against buffer.max_dead_letter_bytes."""
-    freed = 0
     async with opened_shards(config) as shards:
-        for shard in shards:
-            count = await shard.buffer.count_dead_letters(selection)
-            if not dry_run and count.rows:
-                await shard.buffer.purge_dead_letters(selection)
-            freed += count.bytes
-            progress.add(rows=count.rows, events=count.events, shard=shard)
-        progress.done()
+        freed = await each_shard(
+            shards,
+            selection,
+            progress,
+            None if dry_run else lambda b: b.purge_dead_letters(selection),
+        )
         log.info(
             "dead_letters_purged",
             **progress.counts(shards),
@@ -480,6 +478,25 @@ async def purge(
             dry_run=dry_run,
             **filters(selection),
         )
+
+
+async def each_shard(
+    shards: list[Shard],
+    selection: DeadLetterFilter,
+    progress: Progress,
+    act: Callable[[Buffer], Awaitable[object]] | None,
+) -> int:
+    """What `selection` picks in each shard, counted (for the progress line and the summary)
+    and then acted on, unless `act` is None (--dry-run); the bytes they held in all."""
+    held = 0
+    for shard in shards:
+        count = await shard.buffer.count_dead_letters(selection)
+        if act is not None and count.rows:
+            await act(shard.buffer)
+        held += count.bytes
+        progress.add(rows=count.rows, events=count.events, shard=shard)
+    progress.done()
+    return held
 
 
 def filters(selection: DeadLetterFilter) -> dict[str, Any]:
