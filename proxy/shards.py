@@ -82,13 +82,10 @@ def adopted_by(base: Path, index: int, count: int) -> list[Path]:
 
 def supervisor_lock(base: Path, wait_s: float = 0.0) -> int:
     """The open, locked supervisor.lock of buffer.path (its fd: closing it unlocks), waiting
-    up to `wait_s` for a holder to let go. BufferError_ when the directory cannot be used,
+    up to `wait_s` for a holder to let go. OSError when the directory cannot be used,
     BufferLockedError when another process keeps it."""
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise BufferError_(f"cannot use buffer directory {base}: {exc.strerror}") from exc
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -109,6 +106,8 @@ def offline_lock(path: str) -> Iterator[None]:
     base = Path(path).absolute()
     try:
         fd = supervisor_lock(base)
+    except OSError as exc:
+        raise BufferError_(f"cannot use buffer directory {base}: {exc.strerror}") from exc
     except BufferLockedError:
         raise BufferLockedError(
             f"buffer directory {base} is in use by another process: stop the proxy first"

@@ -22,7 +22,7 @@ import structlog
 
 from proxy import fleet
 from proxy.config import Config
-from proxy.errors import BufferError_, BufferLockedError
+from proxy.errors import BufferLockedError
 from proxy.fleet import Worker
 from proxy.shards import supervisor_lock
 
@@ -153,8 +153,10 @@ class Supervisor:
             raise StartError(
                 "buffer_unusable", f"buffer directory {base} is in use by another proxy"
             ) from None
-        except BufferError_ as exc:
-            raise StartError("buffer_unusable", str(exc)) from exc
+        except OSError as exc:
+            raise StartError(
+                "buffer_unusable", f"cannot use buffer directory {base}: {exc}"
+            ) from exc
         self._lock_fd = fd
 
     def run(self) -> int:
